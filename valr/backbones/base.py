@@ -28,6 +28,15 @@ class ImageInputs:
     def empty() -> ImageInputs:
         return ImageInputs(None, None, [])
 
+    @staticmethod
+    def concat(parts: list[ImageInputs]) -> ImageInputs | None:
+        """All images of a batch in sample order; None when no sample has images."""
+        parts = [p for p in parts if p.pixel_values is not None]
+        if not parts:
+            return None
+        return ImageInputs(torch.cat([p.pixel_values for p in parts]), torch.cat([p.grid_thw for p in parts]),
+                           [n for p in parts for n in p.n_tokens])
+
 
 @dataclass
 class DecoderOutput:

@@ -46,13 +46,6 @@ def collate(examples: list[Example], pad_id: int, k: int) -> Batch:
         ids[b, :m] = torch.tensor(e.laid.input_ids)
         labels[b, :m] = torch.tensor(e.laid.labels)
         mask[b, :m] = 1
-    with_images = [e.images for e in examples if e.images.pixel_values is not None]
-    images = None
-    if with_images:
-        images = ImageInputs(
-            torch.cat([i.pixel_values for i in with_images]),
-            torch.cat([i.grid_thw for i in with_images]),
-            [t for i in with_images for t in i.n_tokens],
-        )
-    return Batch(ids, mask, labels, images, [list(e.laid.segment_starts) for e in examples],
-                 [list(e.laid.segment_targets) for e in examples], k, [e.laid.record_id for e in examples])
+    return Batch(ids, mask, labels, ImageInputs.concat([e.images for e in examples]),
+                 [list(e.laid.segment_starts) for e in examples], [list(e.laid.segment_targets) for e in examples],
+                 k, [e.laid.record_id for e in examples])

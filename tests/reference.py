@@ -1,0 +1,67 @@
+"""Naive references the fast paths are tested against: full recomputation, no cache, one sample at a time."""
+
+from __future__ import annotations
+
+import torch
+
+from valr.data.collate import Batch
+
+
+def naive_latent_forward(bb, single: Batch, layer: int):
+    """A batch of one sample: for every slot in order, recompute the whole prefix without a cache and feed back
+    the last hidden state. Returns (final hidden (L, D), alignment-layer states at slots, slot inputs)."""
+    assert single.size == 1
+    ids, mask = single.input_ids, single.attention_mask
+    embeds = bb.embed(ids, single.images)[0]
+    pos = bb.position_ids(ids, mask, single.images)
+    rows = list(embeds)
+    slots = single.slot_positions(0)
+    for s in slots:
+        out = bb.decode(torch.stack(rows[:s])[None], pos[:, :, :s], mask[:, :s], None)
+        rows[s] = out.last_hidden[0, -1]
+    out = bb.decode(torch.stack(rows)[None], pos, mask, None, layer)
+    inputs = torch.stack([rows[s] for s in slots]) if slots else embeds[:0]
+    return out.last_hidden[0], out.layer_hidden[0, slots], inputs
+
+
+def naive_generate(bb, tok, latent, prompt_ids: list[int], images, policy: str, k: int, max_new_tokens: int,
+                   step_end: torch.Tensor, eos: list[int]):
+    """Greedy generation by full recomputation at every position (batch 1, no cache, no padding).
+
+    Returns (generated token ids, list of fed-back latent vectors).
+    """
+    ids = torch.tensor([prompt_ids])
+    mask = torch.ones_like(ids)
+    rows = list(bb.embed(ids, images)[0])
+    pos = bb.position_ids(ids, mask, images)[:, 0]
+    next_pos = int(pos[0, -1]) + 1
+    emb = bb.model.get_input_embeddings()
+    tokens, fed = [], []
+    left, close, boundary = 0, False, policy == "force"
+    banned = [latent.end, latent.slot] + ([latent.start] if policy == "off" else [])
+    while True:
+        out = bb.decode(torch.stack(rows)[None], pos[:, None], torch.ones(1, len(rows), dtype=torch.long), None)
+        h = out.last_hidden[0, -1]
+        if left > 0:
+            rows.append(h)
+            fed.append(h)
+            left -= 1
+            close = left == 0
+        else:
+            if close:
+                t, close = latent.end, False
+            else:
+                logits = bb.logits(h).float()
+                logits[banned] = float("-inf")
+                t = int(logits.argmax())
+                if policy == "force" and boundary:
+                    t = latent.start
+                boundary = bool(step_end[t])
+            tokens.append(t)
+            if t == latent.start:
+                left = k
+            if t in eos or len(tokens) >= max_new_tokens:
+                return tokens, fed
+            rows.append(emb(torch.tensor(t)))
+        pos = torch.cat([pos, torch.full((3, 1), next_pos)], 1)
+        next_pos += 1

@@ -1,0 +1,94 @@
+"""REPA alignment of latent segments to frozen vision-encoder patch features.
+
+Per segment: the K alignment-layer states form a sqrt(K) x sqrt(K) grid (row-major), are bilinearly upsampled to
+the teacher's patch grid, projected token-wise by an MLP (one per teacher) and pulled toward the teacher's patch
+features of the segment's target image by cosine distance (1 - cos), averaged over patches, then segments,
+then teachers. The total stage-2 loss is CE + lambda * this.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def grid_side(k: int) -> int:
+    side = math.isqrt(k)
+    if k <= 0 or side * side != k:
+        raise ValueError(f"K={k} latent positions cannot form a square grid; use a perfect square "
+                         "(1, 4, 9, 16, 25, ...; the paper uses 16)")
+    return side
+
+
+def latents_to_grid(states: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(S, K, D) latent states -> (S, gh*gw, D): square grid, bilinear upsample to the teacher grid."""
+    s, k, d = states.shape
+    side = grid_side(k)
+    x = states.reshape(s, side, side, d).permute(0, 3, 1, 2)
+    if (side, side) != tuple(grid):
+        x = F.interpolate(x, size=tuple(grid), mode="bilinear", align_corners=False)
+    return x.flatten(2).transpose(1, 2)
+
+
+class Projector(nn.Module):
+    """REPA's projector: Linear -> SiLU -> Linear -> SiLU -> Linear, applied to every patch position."""
+
+    def __init__(self, in_dim: int, out_dim: int, width: int = 2048):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+                                 nn.Linear(width, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def cosine_distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over segments and patches of 1 - cos(pred, target). Shapes (S, P, D).
+
+    The paper writes -cos; 1 - cos has the same gradient and reads as 0 at perfect alignment.
+    """
+    return 1.0 - F.cosine_similarity(pred.float(), target.float(), dim=-1, eps=1e-8).mean()
+
+
+class Aligner(nn.Module):
+    """One projector per teacher; computes the multi-teacher REPA loss (a plain mean over teachers)."""
+
+    def __init__(self, hidden_size: int, teacher_dims: dict[str, int], width: int = 2048):
+        super().__init__()
+        if not teacher_dims:
+            raise ValueError("alignment needs at least one teacher")
+        self.projectors = nn.ModuleDict({name: Projector(hidden_size, dim, width)
+                                         for name, dim in teacher_dims.items()})
+
+    def loss(self, states: torch.Tensor, targets: dict[str, list[tuple[int, torch.Tensor, tuple[int, int]]]],
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """REPA loss over teachers.
+
+        ``targets[name]`` lists, for every segment with a target, (row of ``states``, features (P, Dt), grid).
+        Segments are grouped by grid so each group is one batched upsample + projection.
+        Returns (mean over teachers, per-teacher losses).
+        """
+        per_teacher: dict[str, torch.Tensor] = {}
+        for name, items in targets.items():
+            if name not in self.projectors:
+                raise ValueError(f"no projector for teacher {name!r}; known: {sorted(self.projectors)}")
+            if not items:
+                continue
+            groups: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
+            for row, feats, grid in items:
+                groups.setdefault(tuple(grid), []).append((row, feats))
+            total, count = states.new_zeros(()).float(), 0
+            for grid, members in groups.items():
+                rows = torch.tensor([r for r, _ in members], device=states.device)
+                feats = torch.stack([f for _, f in members], 0).to(states.device)
+                up = latents_to_grid(states[rows], grid)
+                pred = self.projectors[name](up.to(self.projectors[name].net[0].weight.dtype))
+                total = total + cosine_distance(pred, feats) * len(members)
+                count += len(members)
+            per_teacher[name] = total / count
+        if not per_teacher:
+            return states.sum() * 0.0, {}
+        return torch.stack(list(per_teacher.values())).mean(), per_teacher

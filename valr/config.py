@@ -1,0 +1,90 @@
+"""The valr configuration: method hyper-parameters, YAML files and ``key=value`` overrides.
+
+Unknown keys are errors (a typo must not silently fall back to a default). Values given on the command line are
+parsed as YAML scalars, so ``k=9``, ``lambda_align=0.25``, ``teachers=[]`` all do what they look like.
+Nested fields use dots: ``layout.answer_prefix="Final: "``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from valr.teachers import TeacherSpec
+
+
+@dataclass
+class ValrConfig:
+    k: int = 16  # latent positions per segment (a perfect square: they form a sqrt(K) x sqrt(K) grid)
+    align_layer: int = 12  # decoder layer whose output is aligned (1-based; paper: 12 of 28)
+    lambda_align: float = 0.5  # weight of the REPA loss beside cross-entropy
+    projector_width: int = 2048  # hidden width of each teacher's MLP projector
+    teachers: list[TeacherSpec] = field(default_factory=list)
+    train_mode: str = "exact"  # exact: gradients through the latent recurrence; fast: detached latent inputs
+    step_delimiter: str = "\n"
+    answer_prefix: str = "Answer: "
+    feature_cache: str | None = None  # directory of cached teacher features (None: encode online)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> ValrConfig:
+        return build_dataclass(cls, data, source)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def build_dataclass(cls, data: dict[str, Any], source: str):
+    """Instantiate a (nested) dataclass from plain data, rejecting unknown keys with their path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {unknown} for {cls.__name__}; known keys: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        if name == "teachers" and cls is ValrConfig:
+            if not isinstance(value, list):
+                raise ConfigError(f"{source}: 'teachers' must be a list of teacher specs")
+            value = [build_dataclass(TeacherSpec, v, f"{source}: teachers[{i}]") for i, v in enumerate(value)]
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key=value`` strings (dotted keys for nesting) to a plain dict, in order."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=ValrConfig):
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+        data = loaded
+    data = apply_overrides(data, list(overrides))
+    return build_dataclass(cls, data, str(path) if path else "overrides")

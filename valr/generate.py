@@ -1,0 +1,243 @@
+"""Batched, KV-cached generation with per-sample latent mode.
+
+Every sample advances one position per decoder call. A sample in text mode feeds the embedding of its next token;
+a sample in latent mode feeds back its own last final-layer hidden state for K positions, after which
+``</latent>`` is appended and text resumes. When a sample enters latent mode depends on the policy:
+
+* ``model`` — when the model itself emits ``<latent>`` (what a stage-2 model learned to do before each step).
+* ``force`` — also forced at the start of the answer and after every step delimiter (a token whose text ends
+  with the delimiter, "\\n" by default); the model may still enter latent mode elsewhere on its own. Every line,
+  the final answer line included, is then preceded by a latent segment.
+* ``off`` — never: ``<latent>`` and ``</latent>`` are suppressed, so this is ordinary decoding and its greedy
+  tokens equal ``model.generate(..., suppress_tokens=[<latent>, </latent>, slot])``.
+
+``</latent>`` is never sampled (the engine appends it), and the slot placeholder never appears as a token.
+``max_new_tokens`` counts generated tokens, the two markers included; latent positions are not tokens, but
+every result reports ``generated_positions`` (tokens plus latent positions) as the compute actually spent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from PIL import Image
+from transformers import LogitsProcessorList, PreTrainedTokenizerBase
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from valr.backbones.base import Backbone, ImageInputs
+from valr.data.layout import prompt_ids
+from valr.tokens import LatentTokenIds, step_end_table
+
+Policy = Literal["model", "force", "off"]
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256
+    latent_policy: Policy = "model"
+    k: int = 16  # latent positions per segment at test time (may differ from training)
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    step_delimiter: str = "\n"
+    max_latent_segments: int | None = None  # per sample; None = no cap beyond max_new_tokens
+    return_latents: bool = False
+    system_prompt: str | None = None
+
+
+@dataclass
+class Prompt:
+    question: str
+    images: list[Image.Image] = field(default_factory=list)
+
+
+@dataclass
+class GenerationResult:
+    text: str  # decoded output, latent segments shown as <latent>[K latent positions]</latent>
+    answer_text: str  # decoded output with the latent segments removed
+    token_ids: list[int]  # generated tokens (markers included, EOS included when reached)
+    prompt_token_ids: list[int]  # what the model was fed, image placeholders expanded
+    latent_segments: int
+    generated_positions: int  # tokens + latent positions
+    latents: list[torch.Tensor] | None = None  # per segment, the (K, D) fed-back vectors
+    finished: bool = False  # reached EOS (False: hit max_new_tokens)
+
+
+class Generator:
+    """Holds what generation needs besides the prompts, so repeated calls reuse the step-end table."""
+
+    def __init__(self, backbone: Backbone, tokenizer: PreTrainedTokenizerBase):
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.latent = LatentTokenIds.from_tokenizer(tokenizer)
+        self._step_end: dict[str, torch.Tensor] = {}
+        gen_eos = backbone.model.generation_config.eos_token_id
+        eos = set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        if tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos = sorted(eos)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
+
+    def step_end(self, delimiter: str) -> torch.Tensor:
+        if delimiter not in self._step_end:
+            self._step_end[delimiter] = step_end_table(self.tokenizer, delimiter)
+        return self._step_end[delimiter]
+
+    def encode_prompts(self, prompts: list[Prompt], system_prompt: str | None = None):
+        """Left-padded prompt ids, mask, all images of the batch, and each sample's unpadded ids."""
+        per_ids, per_images = [], []
+        for p in prompts:
+            images = self.backbone.image_inputs(p.images)
+            per_ids.append(prompt_ids(self.tokenizer, p.question, images.n_tokens,
+                                      self.backbone.image_placeholder, system_prompt))
+            per_images.append(images)
+        return self.pad_left(per_ids) + (ImageInputs.concat(per_images), per_ids)
+
+    def pad_left(self, per_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        n = max(len(x) for x in per_ids)
+        ids = torch.full((len(per_ids), n), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, x in enumerate(per_ids):
+            ids[b, n - len(x):] = torch.tensor(x)
+            mask[b, n - len(x):] = 1
+        return ids, mask
+
+    def _processors(self, cfg: GenerationConfig) -> LogitsProcessorList:
+        procs = LogitsProcessorList()
+        if cfg.do_sample:
+            if cfg.temperature != 1.0:
+                procs.append(TemperatureLogitsWarper(cfg.temperature))
+            if cfg.top_k:
+                procs.append(TopKLogitsWarper(cfg.top_k))
+            if cfg.top_p < 1.0:
+                procs.append(TopPLogitsWarper(cfg.top_p))
+        return procs
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[Prompt], cfg: GenerationConfig) -> list[GenerationResult]:
+        if cfg.latent_policy not in ("model", "force", "off"):
+            raise ValueError(f"unknown latent policy {cfg.latent_policy!r}; use model, force or off")
+        if cfg.k < 1 and cfg.latent_policy != "off":
+            raise ValueError(f"k must be >= 1 for latent policy {cfg.latent_policy!r} (use policy 'off' for none)")
+        ids, mask, images, per_ids = self.encode_prompts(prompts, cfg.system_prompt)
+        return self.run(ids, mask, images, per_ids, cfg)
+
+    def run(self, ids: torch.Tensor, mask: torch.Tensor, images: ImageInputs | None, per_ids: list[list[int]],
+            cfg: GenerationConfig) -> list[GenerationResult]:
+        bb = self.backbone
+        device = bb.model.device
+        ids, mask = ids.to(device), mask.to(device)
+        batch = ids.shape[0]
+        lat = self.latent
+        positions = bb.position_ids(ids, mask, images)
+        out = bb.decode(bb.embed(ids, images), positions, mask, None)
+        cache, hidden = out.cache, out.last_hidden[:, -1]
+        next_pos = positions[0, :, -1] + 1  # the last prompt token is text: same position on all axes
+        embed = bb.model.get_input_embeddings()
+        step_end = self.step_end(cfg.step_delimiter).to(device)
+        procs = self._processors(cfg)
+        gen = torch.Generator(device=device)
+        if cfg.seed is not None:
+            gen.manual_seed(cfg.seed)
+        banned = [lat.end, lat.slot] + ([lat.start] if cfg.latent_policy == "off" else [])
+
+        tokens: list[list[int]] = [[] for _ in range(batch)]
+        latents: list[list[list[torch.Tensor]]] = [[] for _ in range(batch)]
+        n_latent = [0] * batch
+        latent_left = [0] * batch
+        close_next = [False] * batch
+        at_boundary = [cfg.latent_policy == "force"] * batch
+        done = [False] * batch
+        finished = [False] * batch
+        while not all(done):
+            logits = bb.logits(hidden).float()
+            logits[:, banned] = float("-inf")
+            history = torch.tensor([t[-1:] or [self.pad_id] for t in tokens], device=device)
+            scores = procs(history, logits)
+            if cfg.do_sample:
+                chosen = torch.multinomial(torch.softmax(scores, -1), 1, generator=gen).squeeze(1)
+            else:
+                chosen = scores.argmax(-1)
+            feed_hidden = torch.zeros(batch, dtype=torch.bool, device=device)
+            feed_ids = torch.full((batch,), self.pad_id, dtype=torch.long, device=device)
+            active = torch.zeros(batch, dtype=torch.long, device=device)
+            for b in range(batch):
+                if done[b]:
+                    continue
+                active[b] = 1
+                if latent_left[b] > 0:
+                    feed_hidden[b] = True
+                    latent_left[b] -= 1
+                    n_latent[b] += 1
+                    if cfg.return_latents:
+                        latents[b][-1].append(hidden[b].cpu())
+                    close_next[b] = latent_left[b] == 0
+                    continue
+                if close_next[b]:
+                    token = lat.end
+                    close_next[b] = False
+                else:
+                    token = int(chosen[b])
+                    segments_left = cfg.max_latent_segments is None or \
+                        sum(1 for t in tokens[b] if t == lat.start) < cfg.max_latent_segments
+                    if cfg.latent_policy == "force" and at_boundary[b] and segments_left:
+                        token = lat.start
+                    elif token == lat.start and not segments_left:
+                        token = int(scores[b].masked_fill(
+                            torch.arange(scores.shape[1], device=device) == lat.start, float("-inf")).argmax())
+                    at_boundary[b] = bool(step_end[token]) if token < step_end.numel() else False
+                tokens[b].append(token)
+                feed_ids[b] = token
+                if token == lat.start:
+                    latent_left[b] = cfg.k
+                    latents[b].append([])
+                if token in self.eos or len(tokens[b]) >= cfg.max_new_tokens:
+                    done[b] = True  # nothing more is fed for this sample
+                    finished[b] = token in self.eos
+                    active[b] = 0
+            if all(done):
+                break
+            inputs = embed(feed_ids)
+            inputs = torch.where(feed_hidden[:, None], hidden.to(inputs.dtype), inputs)
+            mask = torch.cat([mask, active[:, None]], 1)
+            pos = next_pos.view(1, batch, 1).expand(3, batch, 1)
+            out = bb.decode(inputs[:, None], pos, mask, cache)
+            cache, hidden = out.cache, out.last_hidden[:, -1]
+            next_pos = next_pos + active
+        return [self._result(tokens[b], per_ids[b], n_latent[b], latents[b], cfg, finished[b])
+                for b in range(batch)]
+
+    def _result(self, tokens: list[int], prompt: list[int], n_latent: int, latents: list[list[torch.Tensor]],
+                cfg: GenerationConfig, finished: bool) -> GenerationResult:
+        lat = self.latent
+        shown = [t for t in tokens if t not in self.eos]
+        pieces, plain = [], []
+        run: list[int] = []
+        inside = False
+        for t in shown + [None]:
+            if t in (lat.start, lat.end, None):
+                text = self.tokenizer.decode(run, skip_special_tokens=False) if run else ""
+                if inside:
+                    pieces.append(f"<latent>[{cfg.k} latent positions]")
+                else:
+                    pieces.append(text)
+                    plain.append(text)
+                if t == lat.end:
+                    pieces.append("</latent>")
+                run, inside = [], t == lat.start
+            else:
+                run.append(t)
+        segments = sum(1 for t in tokens if t == lat.start)
+        return GenerationResult(
+            text="".join(pieces), answer_text="".join(plain), token_ids=tokens, prompt_token_ids=prompt,
+            latent_segments=segments, generated_positions=len(tokens) + n_latent,
+            latents=[torch.stack(seg) for seg in latents if seg] if cfg.return_latents else None,
+            finished=finished)
