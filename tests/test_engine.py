@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import naive_latent_forward
 
 from valr.data import LayoutConfig, make_batch
 from valr.engine import forward_latent, forward_plain
+
+from reference import naive_latent_forward
 
 LAYER = 2
 

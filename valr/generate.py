@@ -40,6 +40,7 @@ Policy = Literal["model", "force", "off"]
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 256
+    min_new_tokens: int = 0  # end-of-sequence is suppressed until this many tokens exist
     latent_policy: Policy = "model"
     k: int = 16  # latent positions per segment at test time (may differ from training)
     do_sample: bool = False
@@ -96,8 +97,14 @@ class Generator:
         per_ids, per_images = [], []
         for p in prompts:
             images = self.backbone.image_inputs(p.images)
-            per_ids.append(prompt_ids(self.tokenizer, p.question, images.n_tokens,
-                                      self.backbone.image_placeholder, system_prompt))
+            ids = prompt_ids(self.tokenizer, p.question, images.n_tokens, self.backbone.image_placeholder,
+                             system_prompt)
+            limit = self.backbone.model.config.get_text_config().max_position_embeddings
+            if len(ids) >= limit:
+                raise ValueError(f"prompt {len(per_ids)} has {len(ids)} tokens (images expanded), at or over the "
+                                 f"model's limit of {limit} positions; shorten the question, use fewer or smaller "
+                                 "images (the image processor's max_pixels)")
+            per_ids.append(ids)
             per_images.append(images)
         return self.pad_left(per_ids) + (ImageInputs.concat(per_images), per_ids)
 
@@ -160,6 +167,9 @@ class Generator:
         while not all(done):
             logits = bb.logits(hidden).float()
             logits[:, banned] = float("-inf")
+            if cfg.min_new_tokens:
+                early = torch.tensor([len(t) < cfg.min_new_tokens for t in tokens], device=device)
+                logits[early.nonzero(as_tuple=True)[0][:, None], torch.tensor(self.eos, device=device)] = float("-inf")
             history = torch.tensor([t[-1:] or [self.pad_id] for t in tokens], device=device)
             scores = procs(history, logits)
             if cfg.do_sample:

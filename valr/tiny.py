@@ -56,9 +56,11 @@ def small_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerBase:
     return train_bpe_tokenizer(SMALL_CORPUS * 4, vocab_size=vocab_size)
 
 
-def tiny_config(tokenizer: PreTrainedTokenizerBase, shape: TinyShape = SHAPES["tiny"]) -> Qwen2_5_VLConfig:
+def tiny_config(tokenizer: PreTrainedTokenizerBase, shape: TinyShape = SHAPES["tiny"],
+                vocab_size: int | None = None) -> Qwen2_5_VLConfig:
+    """``vocab_size`` may exceed the tokenizer (real Qwen checkpoints pad their vocabulary too)."""
     ids = tokenizer.convert_tokens_to_ids
-    vocab = len(tokenizer)
+    vocab = max(len(tokenizer), vocab_size or 0)
     return Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
@@ -84,7 +86,7 @@ def tiny_image_processor(max_side: int = 112) -> Qwen2VLImageProcessorPil:
 
 
 def build_tiny(tokenizer: str | PreTrainedTokenizerBase = "small", shape: str | TinyShape = "tiny",
-               seed: int = 0, max_side: int = 112):
+               seed: int = 0, max_side: int = 112, vocab_size: int | None = None):
     """Return (model, tokenizer, image_processor): a random Qwen2.5-VL with latent tokens added."""
     tok = tokenizer
     if isinstance(tok, str):
@@ -92,5 +94,5 @@ def build_tiny(tokenizer: str | PreTrainedTokenizerBase = "small", shape: str | 
     add_latent_tokens(tok)
     shp = SHAPES[shape] if isinstance(shape, str) else shape
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tok, shp)).eval()
+    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tok, shp, vocab_size)).eval()
     return model, tok, tiny_image_processor(max_side)

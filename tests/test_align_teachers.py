@@ -1,0 +1,186 @@
+"""REPA alignment, teachers and the stage-2 objective."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from valr.align import Aligner, Projector, grid_side, latents_to_grid
+from valr.config import ValrConfig
+from valr.data import LayoutConfig, make_batch
+from valr.teachers import (
+    FeatureCache,
+    HFVisionTeacher,
+    TeacherSpec,
+    build_teacher,
+    register_teacher,
+    target_features,
+)
+from valr.train import Objective
+
+
+@pytest.mark.parametrize("k, grid", [(1, (3, 5)), (4, (2, 2)), (9, (14, 14)), (16, (16, 16)), (25, (7, 9))])
+def test_grid_shapes(k, grid):
+    states = torch.randn(3, k, 8)
+    out = latents_to_grid(states, grid)
+    assert out.shape == (3, grid[0] * grid[1], 8)
+    if k == 4 and grid == (2, 2):
+        torch.testing.assert_close(out, states)  # same size: no resampling, row-major
+    if k == 1:  # one latent fills the whole grid
+        torch.testing.assert_close(out, states.expand(3, grid[0] * grid[1], 8))
+
+
+@pytest.mark.parametrize("k", [0, 2, 8, 15])
+def test_non_square_k_rejected(k):
+    with pytest.raises(ValueError, match="perfect square"):
+        grid_side(k)
+
+
+def test_loss_zero_for_identical_directions_and_two_for_opposite():
+    torch.manual_seed(0)
+    aligner = Aligner(8, {"t": 8}, width=16)
+    states = torch.randn(2, 4, 8)
+    with torch.no_grad():
+        pred = aligner.projectors["t"](latents_to_grid(states, (4, 4)))
+    targets = {"t": [(i, pred[i] * 3.0, (4, 4)) for i in range(2)]}  # same direction, other norm
+    loss, per = aligner.loss(states, targets)
+    assert abs(loss.item()) < 1e-6 and set(per) == {"t"}
+    opposite = {"t": [(i, -pred[i], (4, 4)) for i in range(2)]}
+    assert abs(aligner.loss(states, opposite)[0].item() - 2.0) < 1e-5
+
+
+def test_multi_teacher_mean_and_mixed_grids():
+    torch.manual_seed(0)
+    aligner = Aligner(8, {"a": 5, "b": 7}, width=16)
+    states = torch.randn(3, 4, 8)
+    targets = {"a": [(0, torch.randn(4, 5), (2, 2)), (2, torch.randn(9, 5), (3, 3))],
+               "b": [(1, torch.randn(6, 7), (2, 3))]}
+    loss, per = aligner.loss(states, targets)
+    torch.testing.assert_close(loss, (per["a"] + per["b"]) / 2)
+
+
+def _save_encoder(kind: str, path):
+    from transformers import (
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        Dinov2Config,
+        Dinov2Model,
+        DINOv3ViTConfig,
+        DINOv3ViTModel,
+        Siglip2VisionConfig,
+        Siglip2VisionModel,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
+
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    model = {
+        "dinov2": lambda: Dinov2Model(Dinov2Config(image_size=56, patch_size=14, **small)),
+        "dinov3": lambda: DINOv3ViTModel(DINOv3ViTConfig(image_size=64, patch_size=16, num_register_tokens=4,
+                                                         **small)),
+        "siglip": lambda: SiglipVisionModel(SiglipVisionConfig(image_size=64, patch_size=16, **small)),
+        "clip": lambda: CLIPVisionModel(CLIPVisionConfig(image_size=64, patch_size=16, **small)),
+        "siglip2": lambda: Siglip2VisionModel(Siglip2VisionConfig(patch_size=16, num_patches=16, **small)),
+    }[kind]()
+    model.save_pretrained(path)
+
+
+@pytest.mark.parametrize("kind, size, grid", [("dinov2", 56, (4, 4)), ("dinov3", 64, (4, 4)),
+                                              ("siglip", 64, (4, 4)), ("clip", 64, (4, 4))])
+def test_hf_teachers_drop_prefix_tokens(tmp_path, image_dir, kind, size, grid):
+    _save_encoder(kind, tmp_path / kind)
+    teacher = build_teacher(TeacherSpec(name=kind, kind="hf", path=str(tmp_path / kind), image_size=size))
+    feats = teacher.encode([Image.open(image_dir / "a.png"), Image.open(image_dir / "b.png")])
+    assert [f.shape for f, _ in feats] == [(grid[0] * grid[1], 32)] * 2 and feats[0][1] == grid
+    assert teacher.dim == 32 and not any(p.requires_grad for p in teacher.model.parameters())
+
+
+def test_siglip2_naflex_grid_follows_aspect(tmp_path, image_dir):
+    _save_encoder("siglip2", tmp_path / "s2")
+    teacher = build_teacher(TeacherSpec(name="s2", path=str(tmp_path / "s2"), max_patches=16))
+    (wide, g_wide), (tall, g_tall) = teacher.encode([Image.open(image_dir / "c.png"), Image.open(image_dir / "b.png")])
+    assert g_wide[1] > g_wide[0] and g_tall[0] > g_tall[1]
+    assert wide.shape[0] == g_wide[0] * g_wide[1] <= 16
+
+
+def test_self_teacher_and_plugins(tiny, image_dir):
+    model, tok, _, bb, latent = tiny
+    self_t = build_teacher(TeacherSpec(name="qe", kind="self"), bb)
+    ((f, grid),) = self_t.encode([Image.open(image_dir / "a.png")])
+    assert grid == (4, 4) and f.shape == (16, bb.hidden_size)
+
+    class Constant:
+        def __init__(self, spec, backbone=None):
+            self.name, self.id, self.dim = spec.name, "const", 3
+
+        def encode(self, images):
+            return [(torch.ones(4, 3), (2, 2)) for _ in images]
+
+    register_teacher("constant-test", Constant)
+    t = build_teacher(TeacherSpec(name="pi3", kind="constant-test"))
+    assert t.encode([Image.open(image_dir / "a.png")])[0][1] == (2, 2)
+    with pytest.raises(ValueError, match="unknown teacher kind 'nope'"):
+        build_teacher(TeacherSpec(name="x", kind="nope"))
+    with pytest.raises(ValueError, match="not a local directory"):
+        build_teacher(TeacherSpec(name="x", kind="hf", path="/does/not/exist"))
+
+
+def test_feature_cache_hits_and_rejects_other_teachers(tmp_path, image_dir):
+    from transformers import Dinov2Config, Dinov2Model
+
+    enc = Dinov2Model(Dinov2Config(image_size=56, patch_size=14, hidden_size=16, num_hidden_layers=1,
+                                   num_attention_heads=2, intermediate_size=32))
+    teacher = HFVisionTeacher(TeacherSpec(name="d", image_size=56), model=enc)
+    cache = FeatureCache(tmp_path / "cache", teacher)
+    paths = [image_dir / "a.png", image_dir / "b.png", image_dir / "a.png"]
+    first = target_features(teacher, paths, cache)
+    calls = []
+    teacher.encode = lambda ims: calls.append(len(ims)) or []
+    second = target_features(teacher, paths, cache)
+    assert calls == [] and all(torch.equal(first[p][0], second[p][0]) for p in first)
+    # a cache directory holding another encoder's file (e.g. copied by hand) is detected from its metadata
+    other_teacher = HFVisionTeacher(TeacherSpec(name="d2", image_size=56), model=enc)
+    other_teacher.id = "another-encoder"
+    other = FeatureCache(tmp_path / "cache", other_teacher)
+    for f in (cache.root / cache.tag).glob("*.safetensors"):
+        (other.root / other.tag / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(ValueError, match=f"written by teacher '{teacher.id}', not 'another-encoder'"):
+        other.get(image_dir / "a.png")
+
+
+def test_stage2_gradients_reach_projector_and_llm_not_teacher(tiny, records, tmp_path):
+    from transformers import Dinov2Config, Dinov2Model
+
+    model, tok, _, bb, latent = tiny
+    model.train()
+    enc = Dinov2Model(Dinov2Config(image_size=56, patch_size=14, hidden_size=16, num_hidden_layers=1,
+                                   num_attention_heads=2, intermediate_size=32))
+    teacher = HFVisionTeacher(TeacherSpec(name="dino", image_size=56), model=enc)
+    cfg = ValrConfig(k=4, align_layer=2, lambda_align=0.5, projector_width=32, feature_cache=str(tmp_path / "fc"))
+    obj = Objective(bb, cfg, teachers=[teacher])
+    batch = make_batch(records, tok, bb, LayoutConfig(k=4), latent)
+    parts = obj.stage2(batch)
+    assert parts.n_aligned_segments == 5  # 2 + 2 (one step without target) + 1
+    assert 0.0 < float(parts.align) < 2.0
+    torch.testing.assert_close(parts.loss, parts.ce + 0.5 * parts.align)
+    parts.loss.backward()
+    assert obj.aligner.projectors["dino"].net[0].weight.grad.abs().sum() > 0
+    assert model.model.language_model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in enc.parameters())
+    assert "latent_norm" in parts.logs() and "align/dino" in parts.logs()
+
+
+def test_objective_config_errors(tiny):
+    model, tok, _, bb, latent = tiny
+    with pytest.raises(ValueError, match="perfect square"):
+        Objective(bb, ValrConfig(k=8, lambda_align=0.0))
+    with pytest.raises(ValueError, match="no teachers are configured"):
+        Objective(bb, ValrConfig(k=4, lambda_align=0.5))
+    obj = Objective(bb, ValrConfig(k=4, lambda_align=0.0))  # latents without alignment need no teacher
+    assert obj.aligner is None
+
+
+def test_projector_is_repa_shaped():
+    p = Projector(8, 5, width=16)
+    assert [type(m).__name__ for m in p.net] == ["Linear", "SiLU", "Linear", "SiLU", "Linear"]
