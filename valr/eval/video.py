@@ -8,8 +8,8 @@ images (predictable prompt length), at the cost of a few redundant frames on ver
 
 Videos are decoded sequentially (no seeking: seek points differ between containers and codecs, and sequential
 decode always lands on the exact frame). The frame count is read from the container; when it is missing or
-wrong, the actual number of decoded frames is used and the sampling is redone with it. Frame index ``i`` is the
-i-th frame in the decoder's output (presentation) order.
+wrong, the actual number of decoded frames is used and the sampling is redone with it. Frame index ``i`` is
+the i-th frame in the decoder's output (presentation) order.
 
 A frame folder holds one image per frame; files are ordered by a natural sort of their names (digit runs
 compare as numbers, so ``frame_2.jpg`` comes before ``frame_10.jpg``; for zero-padded names this is the same
@@ -77,7 +77,7 @@ def _open(path: Path) -> InputContainer:
     try:
         container = av.open(str(path))
     except Exception as e:  # PyAV raises several error types; all mean the same to the caller
-        raise VideoError(f"{path}: cannot open video ({e}); check the file is a complete, readable video") from e
+        raise VideoError(f"{path}: cannot open video ({e}); check it is a complete, readable video") from e
     if not container.streams.video:
         container.close()
         raise VideoError(f"{path}: file has no video stream")
@@ -109,7 +109,7 @@ def _decode(path: Path, wanted: set[int]) -> tuple[dict[int, Image.Image], int |
                 if i >= last:
                     return frames, None
         except Exception as e:
-            raise VideoError(f"{path}: decoding failed at frame {i + 1} ({e}); the file may be truncated") from e
+            raise VideoError(f"{path}: decoding failed at frame {i + 1} ({e}); is the file truncated?") from e
     return frames, i + 1
 
 
