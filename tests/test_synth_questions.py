@@ -1,0 +1,183 @@
+"""Question families: every generated chain is answered correctly and checks out against the world model,
+as judged by the independent solver (which reads only the question text and the scene)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from valr.synth.questions import FAMILIES, FAMILY_KIND, LETTERS, make_question, vocabulary
+from valr.synth.solver import UnsolvableQuestion, check_steps, solve
+from valr.synth.world import generate_scene
+
+WORDS = set(vocabulary())
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[A-Za-z]+|\d+", text)
+
+
+def _questions(n_scenes: int = 40):
+    rng = np.random.default_rng(123)
+    out = []
+    for s in range(n_scenes):
+        scene = generate_scene(1000 + s)
+        for family in FAMILIES:
+            for n in range(1, 11):
+                if (s + n) % 4:  # a quarter of the (scene, N) grid: covers every family and N many times
+                    continue
+                q = make_question(scene, family, n, rng, slot=int(rng.integers(4)))
+                if q is not None:
+                    out.append((scene, n, q))
+    return out
+
+
+QUESTIONS = _questions()
+
+
+def test_coverage() -> None:
+    seen = {(q.family, n) for _, n, q in QUESTIONS}
+    assert seen == {(f, n) for f in FAMILIES for n in range(1, 11)}
+    assert len(QUESTIONS) >= 350
+
+
+def test_every_answer_matches_the_independent_solver_and_every_step_checks_out() -> None:
+    for scene, n, q in QUESTIONS:
+        sol = solve(scene, q.text)
+        assert sol.answer == q.answer, (q.text, q.answer, sol)
+        assert sol.answer_text == q.answer_text
+        assert check_steps(scene, q.text, [(s.text, s.view) for s in q.steps]) == []
+        assert len(q.steps) == n
+
+
+def test_text_is_short_and_uses_the_closed_vocabulary() -> None:
+    for _, _, q in QUESTIONS:
+        assert q.kind == FAMILY_KIND[q.family]
+        for s in q.steps:
+            assert 5 <= len(s.text.split()) <= 12, s.text
+        for text in [q.text, q.answer] + [s.text for s in q.steps]:
+            for w in _words(text):
+                assert w in WORDS or w.isdigit(), (w, text)
+
+
+def test_multiple_choice_format() -> None:
+    for _, _, q in QUESTIONS:
+        if q.kind != "mc":
+            assert q.answer.isdigit() and int(q.answer) > 0 and not q.options  # MRA divides by the answer
+            continue
+        assert len(q.options) == 4 and len(set(q.options)) == 4
+        assert q.options[LETTERS.index(q.answer)] == q.answer_text
+        assert q.text.endswith("\n".join(f"{L}. {o}" for L, o in zip(LETTERS, q.options, strict=True)))
+
+
+def test_slot_sets_the_answer_letter() -> None:
+    scene = generate_scene(5)
+    for family in ("chase", "tally", "where"):
+        for slot in range(4):
+            q = make_question(scene, family, 3, np.random.default_rng(slot), slot=slot)
+            if q is not None:
+                assert q.answer == LETTERS[slot]
+
+
+def test_consecutive_steps_look_at_different_views_and_chase_moves_alternate() -> None:
+    for _, _, q in QUESTIONS:
+        views = [s.view for s in q.steps]
+        assert all(a != b for a, b in zip(views, views[1:], strict=False)), q.text
+        if q.family in ("chase", "where"):
+            kinds = re.findall(r"(colour|shape|cell) view", q.text.split("\n")[1])
+            assert all(a != b for a, b in zip(kinds, kinds[1:], strict=False))
+
+
+def test_chase_distractors_include_wrong_view_answers() -> None:
+    """For most chase questions, some wrong option is what the last move gives in another view."""
+    hits = total = 0
+    for scene, n, q in QUESTIONS:
+        if q.family != "chase" or n < 2:
+            continue
+        total += 1
+        kind, view = re.findall(r"(colour|shape|cell) view (\d)", q.text.split("\n")[1])[-1]
+        prev = re.match(r"view (\d) row (\d) col (\d): (\w+) (\w+) (\w+)", q.steps[-2].text)
+        assert prev
+        for w in range(scene.n_views):
+            if w == int(view) - 1:
+                continue
+            for r in range(4):
+                for c in range(4):
+                    o = scene.obj(w, r, c)
+                    if o is None:
+                        continue
+                    d = o.describe()
+                    same = {"colour": d.split()[1] == prev.group(5), "shape": d.split()[2] == prev.group(6),
+                            "cell": (r + 1, c + 1) == (int(prev.group(2)), int(prev.group(3)))}[kind]
+                    if same and d in q.options and d != q.answer_text:
+                        hits += 1
+                        break
+                else:
+                    continue
+                break
+            else:
+                continue
+            break
+    assert total > 20 and hits / total > 0.6
+
+
+def test_checker_catches_wrong_steps_and_targets() -> None:
+    scene, _, q = next(x for x in QUESTIONS if x[2].family == "chase" and x[1] >= 3)
+    steps = [(s.text, s.view) for s in q.steps]
+    # wrong description at the right cell
+    m = re.match(r"(.*: )(\w+) (\w+) (\w+)$", steps[1][0])
+    assert m
+    other = "small" if m.group(2) == "large" else "large"
+    bad = list(steps)
+    bad[1] = (f"{m.group(1)}{other} {m.group(3)} {m.group(4)}", steps[1][1])
+    assert any("holds" in e for e in check_steps(scene, q.text, bad))
+    # right text, wrong target image
+    bad = list(steps)
+    bad[2] = (steps[2][0], (steps[2][1] + 1) % scene.n_views)
+    assert any("target image" in e for e in check_steps(scene, q.text, bad))
+    # a step dropped
+    assert check_steps(scene, q.text, steps[:-1])
+    # a count step with a wrong running total
+    scene, _, q = next(x for x in QUESTIONS if x[2].family == "count" and x[1] >= 2)
+    steps = [(s.text, s.view) for s in q.steps]
+    t = re.sub(r"total (\d+)$", lambda mm: f"total {int(mm.group(1)) + 1}", steps[-1][0])
+    assert any("running total" in e for e in check_steps(scene, q.text, steps[:-1] + [(t, steps[-1][1])]))
+
+
+def test_solver_refuses_ill_posed_questions() -> None:
+    scene = generate_scene(11)
+    v, r, c = 0, *scene.cells(0)[0]
+    o = scene.obj(v, r, c)
+    assert o is not None
+    # a colour move into a view where that colour is not unique
+    for w in range(1, scene.n_views):
+        if int((scene.colour[w] == o.colour).sum()) != 1:
+            text = (f"start at view 1 row {r + 1} col {c + 1}.\nmoves: colour view {w + 1}.\n"
+                    "what is the last object?\nA. x\nB. y\nC. z\nD. w")
+            with pytest.raises(UnsolvableQuestion):
+                solve(scene, text)
+            break
+    empty = np.argwhere(~scene.present[0])[0]
+    text = f"read view 1 row {empty[0] + 1} col {empty[1] + 1}.\nwhich colour is most common?\nA. red\nB. blue"
+    with pytest.raises(UnsolvableQuestion):
+        solve(scene, text)
+    with pytest.raises(UnsolvableQuestion):
+        solve(scene, "count red in view 9.\nwhat is the total?")
+
+
+def test_generation_is_deterministic_per_rng_seed() -> None:
+    scene = generate_scene(2)
+    for family in FAMILIES:
+        a = make_question(scene, family, 6, np.random.default_rng(9), slot=2)
+        b = make_question(scene, family, 6, np.random.default_rng(9), slot=2)
+        assert a == b and a is not None
+        c = [make_question(scene, family, 6, np.random.default_rng(k), slot=2) for k in range(10, 14)]
+        assert any(x != a for x in c)
+
+
+def test_question_dataclass_is_frozen() -> None:
+    _, _, q = QUESTIONS[0]
+    assert replace(q, answer="Z").answer == "Z" and q.answer != "Z"

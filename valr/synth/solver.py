@@ -1,0 +1,273 @@
+"""An independent solver and chain checker for the spatial world's questions.
+
+Independence is the point: the solver never sees the generated chain or the generator's internal choices. It
+parses the *question text* (so it also proves the text is unambiguous), executes it on the scene's world model
+(the attribute arrays of :class:`~valr.synth.world.Scene`, which can be rebuilt from ``labels.npz``), and
+refuses questions whose lookups are undefined (an empty cell, a colour that is not unique in a view, a tie for
+the most common colour). The checker then verifies every step of a chain: its stated facts hold in the world,
+it looks at the view it names (its alignment target), and it is the lookup the question calls for at that point.
+It shares only the vocabulary with the generator (:mod:`valr.synth.world`), not its code paths.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from valr.data.records import Record
+from valr.synth.world import COLOURS, SHAPES, SIZES, Scene
+
+
+class UnsolvableQuestion(ValueError):
+    """The question text is malformed or a lookup it asks for is undefined in the scene."""
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What one step must establish: a lookup (view, row, col) or a count (view, attribute word, running total).
+
+    All 0-based; ``row``/``col`` are None for counts, ``word``/``total`` None for lookups.
+    """
+
+    view: int
+    row: int | None = None
+    col: int | None = None
+    word: str | None = None
+    total: int | None = None
+
+
+@dataclass(frozen=True)
+class Solution:
+    family: str
+    answer: str
+    answer_text: str
+    trace: tuple[Expected, ...]
+
+
+_OPTION = re.compile(r"^([A-Z])\. (.+)$")
+_CELL = r"view (\d+) row (\d+) col (\d+)"
+_MOVE = re.compile(r"^(colour|shape|cell) view (\d+)$")
+_LOOKUP_STEP = re.compile(rf"^{_CELL}: (\w+) (\w+) (\w+)$")
+_COUNT_STEP = re.compile(r"^view (\d+) (\w+): (\d+), total (\d+)$")
+_QUADRANT_NAMES = ("top left", "top right", "bottom left", "bottom right")
+
+
+def _view(scene: Scene, text: str) -> int:
+    v = int(text) - 1
+    if not 0 <= v < scene.n_views:
+        raise UnsolvableQuestion(f"view {text} does not exist (scene has {scene.n_views} views)")
+    return v
+
+
+def _coord(scene: Scene, text: str) -> int:
+    i = int(text) - 1
+    if not 0 <= i < scene.grid:
+        raise UnsolvableQuestion(f"row/col {text} is off the {scene.grid}x{scene.grid} grid")
+    return i
+
+
+def _options(lines: Sequence[str]) -> dict[str, str]:
+    opts: dict[str, str] = {}
+    for line in lines:
+        m = _OPTION.match(line)
+        if not m:
+            raise UnsolvableQuestion(f"not an option line: {line!r}")
+        opts[m.group(1)] = m.group(2)
+    if len(set(opts.values())) != len(opts):
+        raise UnsolvableQuestion("options are not distinct")
+    return opts
+
+
+def _letter(opts: dict[str, str], text: str) -> str:
+    hits = [k for k, v in opts.items() if v == text]
+    if len(hits) != 1:
+        raise UnsolvableQuestion(f"the true answer {text!r} is not exactly one of the options {opts}")
+    return hits[0]
+
+
+def _describe(scene: Scene, v: int, r: int, c: int) -> str:
+    if scene.shape[v, r, c] < 0:
+        raise UnsolvableQuestion(f"view {v + 1} row {r + 1} col {c + 1} is empty")
+    return f"{SIZES[scene.size[v, r, c]]} {COLOURS[scene.colour[v, r, c]]} {SHAPES[scene.shape[v, r, c]]}"
+
+
+def _unique(mask: np.ndarray, what: str) -> tuple[int, int]:
+    rs, cs = np.nonzero(mask)
+    if len(rs) != 1:
+        raise UnsolvableQuestion(f"{what}: {len(rs)} matches, need exactly one")
+    return int(rs[0]), int(cs[0])
+
+
+def _run_moves(scene: Scene, v: int, r: int, c: int, moves_line: str) -> list[tuple[int, int, int]]:
+    if not (moves_line.startswith("moves: ") and moves_line.endswith(".")):
+        raise UnsolvableQuestion(f"bad moves line {moves_line!r}")
+    body = moves_line[len("moves: "):-1]
+    path = [(v, r, c)]
+    if body == "none":
+        return path
+    for part in body.split(", "):
+        m = _MOVE.match(part)
+        if not m:
+            raise UnsolvableQuestion(f"bad move {part!r}")
+        kind, w = m.group(1), _view(scene, m.group(2))
+        _describe(scene, v, r, c)  # the current cell must hold an object
+        if kind == "cell":
+            _describe(scene, w, r, c)
+        elif kind == "colour":
+            r, c = _unique(scene.colour[w] == scene.colour[v, r, c], f"colour in view {w + 1}")
+        else:
+            r, c = _unique(scene.shape[w] == scene.shape[v, r, c], f"shape in view {w + 1}")
+        v = w
+        path.append((v, r, c))
+    return path
+
+
+def _solve_chase(scene: Scene, lines: list[str]) -> Solution:
+    m = re.fullmatch(rf"start at {_CELL}\.", lines[0])
+    if not m or lines[2] != "what is the last object?":
+        raise UnsolvableQuestion("not a chase question")
+    v, r, c = _view(scene, m.group(1)), _coord(scene, m.group(2)), _coord(scene, m.group(3))
+    path = _run_moves(scene, v, r, c, lines[1])
+    text = _describe(scene, *path[-1])
+    trace = tuple(Expected(p[0], p[1], p[2]) for p in path)
+    return Solution("chase", _letter(_options(lines[3:]), text), text, trace)
+
+
+def _solve_where(scene: Scene, lines: list[str]) -> Solution:
+    m = re.fullmatch(r"start at the (\w+) (\w+) in view (\d+)\.", lines[0])
+    if not m or lines[2] != "where is the last object?":
+        raise UnsolvableQuestion("not a where question")
+    if m.group(1) not in COLOURS or m.group(2) not in SHAPES:
+        raise UnsolvableQuestion(f"unknown object {m.group(1)} {m.group(2)}")
+    v = _view(scene, m.group(3))
+    mask = (scene.colour[v] == COLOURS.index(m.group(1))) & (scene.shape[v] == SHAPES.index(m.group(2)))
+    r, c = _unique(mask, f"the {m.group(1)} {m.group(2)} in view {v + 1}")
+    path = _run_moves(scene, v, r, c, lines[1])
+    _, lr, lc = path[-1]
+    half = scene.grid // 2
+    text = f"{'top' if lr < half else 'bottom'} {'left' if lc < half else 'right'}"
+    trace = tuple(Expected(p[0], p[1], p[2]) for p in path)
+    return Solution("where", _letter(_options(lines[3:]), text), text, trace)
+
+
+def _attribute_count(scene: Scene, v: int, word: str) -> int:
+    for names, arr in ((COLOURS, scene.colour), (SHAPES, scene.shape), (SIZES, scene.size)):
+        if word in names:
+            return int((arr[v] == names.index(word)).sum())
+    raise UnsolvableQuestion(f"unknown attribute {word!r}")
+
+
+def _solve_count(scene: Scene, lines: list[str]) -> Solution:
+    if len(lines) != 2 or lines[1] != "what is the total?" or not lines[0].startswith("count ") \
+            or not lines[0].endswith("."):
+        raise UnsolvableQuestion("not a count question")
+    total, trace = 0, []
+    for part in lines[0][len("count "):-1].split(", "):
+        m = re.fullmatch(r"(\w+) in view (\d+)", part)
+        if not m:
+            raise UnsolvableQuestion(f"bad count term {part!r}")
+        v = _view(scene, m.group(2))
+        total += _attribute_count(scene, v, m.group(1))
+        trace.append(Expected(v, word=m.group(1), total=total))
+    return Solution("count", str(total), str(total), tuple(trace))
+
+
+def _solve_tally(scene: Scene, lines: list[str]) -> Solution:
+    if lines[1] != "which colour is most common?" or not lines[0].startswith("read ") \
+            or not lines[0].endswith("."):
+        raise UnsolvableQuestion("not a tally question")
+    trace, colours = [], []
+    for part in lines[0][len("read "):-1].split(", "):
+        m = re.fullmatch(_CELL, part)
+        if not m:
+            raise UnsolvableQuestion(f"bad cell {part!r}")
+        v, r, c = _view(scene, m.group(1)), _coord(scene, m.group(2)), _coord(scene, m.group(3))
+        _describe(scene, v, r, c)
+        colours.append(COLOURS[scene.colour[v, r, c]])
+        trace.append(Expected(v, r, c))
+    ranked = Counter(colours).most_common()
+    if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
+        raise UnsolvableQuestion(f"no unique most common colour: {ranked}")
+    text = ranked[0][0]
+    return Solution("tally", _letter(_options(lines[2:]), text), text, tuple(trace))
+
+
+def solve(scene: Scene, question: str) -> Solution:
+    """Answer ``question`` from the world model alone; raises UnsolvableQuestion if it is ill-posed."""
+    lines = question.split("\n")
+    head = lines[0]
+    if head.startswith("start at view") and len(lines) >= 3:
+        return _solve_chase(scene, lines)
+    if head.startswith("start at the") and len(lines) >= 3:
+        return _solve_where(scene, lines)
+    if head.startswith("count "):
+        return _solve_count(scene, lines)
+    if head.startswith("read ") and len(lines) >= 2:
+        return _solve_tally(scene, lines)
+    raise UnsolvableQuestion(f"unrecognised question {head!r}")
+
+
+def check_steps(scene: Scene, question: str, steps: Sequence[tuple[str, int | None]]) -> list[str]:
+    """Verify a chain step by step; returns the problems found (empty list = every step checks out).
+
+    ``steps`` are (text, target view index) pairs. A lookup step ``view V row R col C: size colour shape`` must
+    describe the object really at that cell, and a count step ``view V word: n, total t`` must give the true
+    count and running total; each must be the lookup the question calls for at that position and target the
+    view it names.
+    """
+    try:
+        sol = solve(scene, question)
+    except UnsolvableQuestion as e:
+        return [f"question: {e}"]
+    errors = []
+    if len(steps) != len(sol.trace):
+        errors.append(f"chain has {len(steps)} steps, the question needs {len(sol.trace)}")
+    for i, ((text, target), exp) in enumerate(zip(steps, sol.trace, strict=False)):
+        where = f"step {i + 1} ({text!r})"
+        if exp.row is not None:
+            m = _LOOKUP_STEP.match(text)
+            if not m:
+                errors.append(f"{where}: not a lookup step")
+                continue
+            v, r, c = int(m.group(1)) - 1, int(m.group(2)) - 1, int(m.group(3)) - 1
+            if (v, r, c) != (exp.view, exp.row, exp.col):
+                errors.append(f"{where}: looks at the wrong cell, expected view {exp.view + 1} row "
+                              f"{exp.row + 1} col {exp.col + 1}")
+                continue
+            said = " ".join(m.group(4, 5, 6))
+            if said != _describe(scene, v, r, c):
+                errors.append(f"{where}: the cell holds {_describe(scene, v, r, c)!r}")
+        else:
+            m = _COUNT_STEP.match(text)
+            if not m:
+                errors.append(f"{where}: not a count step")
+                continue
+            v, word, n, total = int(m.group(1)) - 1, m.group(2), int(m.group(3)), int(m.group(4))
+            if (v, word) != (exp.view, exp.word):
+                errors.append(f"{where}: counts the wrong thing, expected {exp.word} in view {exp.view + 1}")
+                continue
+            if n != _attribute_count(scene, v, word):
+                errors.append(f"{where}: true count is {_attribute_count(scene, v, word)}")
+            if total != exp.total:
+                errors.append(f"{where}: running total should be {exp.total}")
+        if target != exp.view:
+            errors.append(f"{where}: target image {target} is not the view it looks at ({exp.view})")
+    return errors
+
+
+def check_record(record: Record, scene: Scene) -> list[str]:
+    """Check a stored record against its scene: the answer is the solver's and every step checks out."""
+    try:
+        sol = solve(scene, record.question)
+    except UnsolvableQuestion as e:
+        return [f"{record.id}: {e}"]
+    errors = []
+    if record.answer != sol.answer:
+        errors.append(f"answer {record.answer!r} but the solver says {sol.answer!r} ({sol.answer_text})")
+    steps = [(s.text, None if s.target is None else s.target.image_index) for s in record.steps]
+    errors += check_steps(scene, record.question, steps)
+    return [f"{record.id}: {e}" for e in errors]
