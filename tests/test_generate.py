@@ -126,3 +126,13 @@ def test_bad_policy_and_k(tiny, image_dir):
         gen(_prompts(image_dir), GenerationConfig(latent_policy="always"))
     with pytest.raises(ValueError, match="k must be >= 1"):
         gen(_prompts(image_dir), GenerationConfig(latent_policy="force", k=0))
+
+
+def test_prompt_over_the_model_limit_is_an_error(image_dir):
+    from valr.backbones import backbone_for
+    from valr.tiny import TinyShape, build_tiny
+
+    model, tok, ip = build_tiny(shape=TinyShape(max_positions=24))
+    gen = Generator(backbone_for(model, image_processor=ip), tok)
+    with pytest.raises(ValueError, match="over the model's limit of 24 positions"):
+        gen([Prompt("What is left of the cube?", [Image.open(image_dir / "a.png")])], GenerationConfig())
