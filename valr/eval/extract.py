@@ -6,6 +6,9 @@ module only returns the extracted string, possibly empty when nothing answer-lik
 
 Rule, in order:
 
+0. Latent segments as valr's generation writes them in a raw output (``<latent>[16 latent positions]</latent>``,
+   or a ``<latent>`` left open at the end when the token budget ran out) are removed first, so the number in
+   the markup is never read as an answer.
 1. If the text contains ``</think>`` and something follows it, only that tail is searched (the same rules,
    then the whole text if the tail gives nothing), so musings inside the thinking block do not win.
 2. Answer regions, tried from the last one in the text backwards: the content of each ``\boxed{...}``, the
@@ -66,6 +69,7 @@ _NUMBER_WORDS = {
 _NUMBER_WORD = re.compile(r"\b(" + "|".join(_NUMBER_WORDS) + r")\b", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
 _OPTION_PREFIX = re.compile(r"^\s*[(\[]?[A-Za-z][)\].:]\s+")
+_LATENT_SEGMENT = re.compile(r"<latent>.*?(?:</latent>|$)", re.DOTALL)
 
 
 class Judge(Protocol):
@@ -209,6 +213,7 @@ def extract_answer(raw: str, kind: str, options: Sequence[str] = (), *, question
     if kind not in ("mc", "numeric"):
         raise ValueError(f"kind must be 'mc' or 'numeric', got {kind!r}")
     found = ""
+    raw = _LATENT_SEGMENT.sub("", raw)
     _, sep, tail = raw.rpartition("</think>")
     if sep and tail.strip():
         found = _extract_rules(tail, kind, options)
