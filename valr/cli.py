@@ -76,8 +76,42 @@ def _eval(args: argparse.Namespace, rest: list[str]) -> int:
         from valr.eval.score_cmd import score_main
 
         return score_main(rest)
-    print(f"unknown eval command {args.eval_command!r}; available: score", file=sys.stderr)
+    if args.eval_command == "run":
+        from valr.eval.run import run_main
+
+        return run_main(rest)
+    if args.eval_command == "length":
+        from valr.eval.length import length_main
+
+        return length_main(rest)
+    print(f"unknown eval command {args.eval_command!r}; available: run, score, length", file=sys.stderr)
     return 2
+
+
+def _train(args: argparse.Namespace) -> int:
+    from valr.trainer import train_main
+
+    return train_main(args)
+
+
+def _features(args: argparse.Namespace) -> int:
+    from valr.features import features_main
+
+    return features_main(args)
+
+
+def _data(args: argparse.Namespace) -> int:
+    if args.data_command == "check":
+        from valr.data.check import check_main
+
+        return check_main(args)
+    if args.data_command == "convert-llava":
+        from valr.data.convert import convert_main
+
+        return convert_main(args)
+    from valr.data.smoke import make_smoke_main
+
+    return make_smoke_main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,8 +171,72 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_demo)
 
-    e = sub.add_parser("eval", help="evaluation: `valr eval score --help`", add_help=False)
-    e.add_argument("eval_command", choices=["score"], help="score: score a predictions file offline")
+    tr = sub.add_parser("train", help="train stage 1 (CoT SFT) or stage 2 (VaLR) from a YAML config",
+                        description="Train from a YAML config (see configs/ and docs/training.md). Runs as is or "
+                                    "under `accelerate launch` (DDP, FSDP, DeepSpeed ZeRO-2). Checkpoints go to "
+                                    "OUTPUT_DIR/checkpoints, the final model to OUTPUT_DIR/final.")
+    tr.add_argument("--config", required=True, help="YAML file of TrainConfig keys (valr: section for the method)")
+    tr.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="override config keys, e.g. max_steps=100 valr.lambda_align=0.25")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue from the newest checkpoint in output_dir (exactly: same final weights)")
+    tr.set_defaults(func=_train)
+
+    fe = sub.add_parser("features", help="precompute teacher features of all step-target images into the cache",
+                        description="Encode every step-target image of the config's train/val records with each "
+                                    "teacher and store the patch features in valr.feature_cache (sharded "
+                                    "safetensors). Resumable; prints done / skipped / failed per teacher.")
+    fe.add_argument("--config", required=True, help="the training YAML (teachers, feature_cache, data)")
+    fe.add_argument("overrides", nargs="*", metavar="key=value")
+    fe.add_argument("--batch-size", type=int, default=16, help="images per encoder call")
+    fe.add_argument("--shard-size", type=int, default=256, help="images per shard file")
+    fe.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                    help="storage type of a new cache (an existing cache keeps its own)")
+    fe.add_argument("--split", choices=["train", "val", "both"], default="both")
+    fe.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
+    fe.add_argument("--quiet", action="store_true", help="no progress bar")
+    fe.set_defaults(func=_features)
+
+    da = sub.add_parser("data", help="records tools: check, convert-llava, make-smoke",
+                        description="Validate records files, convert LLaVA-style data, write a smoke set-up.")
+    dsub = da.add_subparsers(dest="data_command", required=True)
+    dc = dsub.add_parser("check", help="validate every record; write clean and rejects files",
+                         description="Report every bad record (file:line, id, reasons): unparsable lines, missing "
+                                     "or undecodable images and target files, duplicate ids, and with --model and "
+                                     "--max-length (or --config) laid-out sequences over max_length. Exit 1 when "
+                                     "any record is bad.")
+    dc.add_argument("file", help="records JSONL")
+    dc.add_argument("--out-clean", type=Path, default=None, help="write the good records here")
+    dc.add_argument("--out-rejects", type=Path, default=None, help="write the bad ones (with reasons) here")
+    dc.add_argument("--model", default=None, help="checkpoint whose tokenizer/processor define the length")
+    dc.add_argument("--max-length", type=int, default=None, help="longest laid-out sequence allowed")
+    dc.add_argument("--k", type=int, default=None, help="latent positions per segment for the length check "
+                                                        "(default: the checkpoint's; 0: plain CoT layout)")
+    dc.add_argument("--config", default=None, help="take model, max_length and K from a training YAML")
+    dc.add_argument("--workers", type=int, default=4, help="threads decoding images")
+    dc.add_argument("--quiet", action="store_true", help="no progress bar")
+    dv = dsub.add_parser("convert-llava", help="LLaVA-style conversation JSON with CoT answers -> records JSONL",
+                         description="Convert [{id, image|images, conversations:[{from: human|gpt, value}]}] to "
+                                     "records: question from the first human turn (<image> removed), steps and "
+                                     "answer from the gpt turn after it. Unconvertible items go to "
+                                     "OUT.rejects.jsonl with the reason.")
+    dv.add_argument("src", help="LLaVA JSON (a list) or JSONL")
+    dv.add_argument("out", help="records JSONL to write")
+    dv.add_argument("--image-root", required=True, help="directory the items' image paths are relative to")
+    dm = dsub.add_parser("make-smoke", help="write a tiny model, tiny teacher, images and records for CPU runs",
+                         description="For configs/tiny/*.yaml: DIR/model, DIR/teacher, DIR/images, "
+                                     "DIR/train.jsonl, DIR/val.jsonl.")
+    dm.add_argument("out", help="directory (e.g. runs/smoke)")
+    dm.add_argument("--n-train", type=int, default=24)
+    dm.add_argument("--n-val", type=int, default=8)
+    dm.add_argument("--seed", type=int, default=0)
+    da.set_defaults(func=_data)
+
+    e = sub.add_parser("eval", help="evaluation: `valr eval run --help`, `valr eval score --help`, "
+                                    "`valr eval length --help`", add_help=False)
+    e.add_argument("eval_command", choices=["run", "score", "length"],
+                   help="run: generate, resume and score a benchmark with a checkpoint; score: score a predictions "
+                        "file offline; length: accuracy by generated length")
     e.set_defaults(func=None)
     return p
 
