@@ -90,8 +90,8 @@ def bench_decode(quick: bool, repeats: int) -> dict:
             "ratios": ratios}
 
 
-def _train_records(quick: bool):
-    """Records with 6 steps of ~12 words and one 112 px image each, written to a temp dir."""
+def _train_records(quick: bool, batch: int):
+    """``batch`` records with 6 steps of ~12 words and one 112 px image each, written to a temp dir."""
     import tempfile
     from pathlib import Path
 
@@ -99,7 +99,7 @@ def _train_records(quick: bool):
 
     root = Path(tempfile.mkdtemp(prefix="valr-bench-"))
     recs = []
-    for i, im in enumerate(_images(2 if quick else 4, seed=1)):
+    for i, im in enumerate(_images(batch, seed=1)):
         im.save(root / f"{i}.png")
         steps = [f"Step {s + 1}: look at the object in row {s % 4} and column {(s + i) % 4} of the view."
                  for s in range(3 if quick else 6)]
@@ -129,7 +129,7 @@ def peak_step_memory(step) -> int:
     return max(totals, default=0)
 
 
-def _train_variant(variant: str, quick: bool, repeats: int) -> dict:
+def _train_variant(variant: str, quick: bool, repeats: int, batch_size: int) -> dict:
     """Time ``repeats`` steps of one variant (after a warm-up) and measure one step's peak memory."""
     from valr.align import Aligner
     from valr.data import LayoutConfig, make_batch
@@ -141,7 +141,7 @@ def _train_variant(variant: str, quick: bool, repeats: int) -> dict:
     k = 4 if quick else 16
     layer = max(1, bb.num_layers // 2)
     latent = LatentTokenIds.from_tokenizer(tok)
-    recs = _train_records(quick)
+    recs = _train_records(quick, batch_size)
     teacher_dim, grid = 64, (8, 8)
     aligner = Aligner(bb.hidden_size, {"teacher": teacher_dim}, width=256)
     if variant == "sft":
@@ -167,13 +167,13 @@ def _train_variant(variant: str, quick: bool, repeats: int) -> dict:
             "batch": batch.size, "latent_segments": n_segments}
 
 
-def bench_train(quick: bool, repeats: int) -> dict:
-    results = {v: _train_variant(v, quick, repeats) for v in ("sft", "fast", "exact")}
+def bench_train(quick: bool, repeats: int, batch_size: int) -> dict:
+    results = {v: _train_variant(v, quick, repeats, batch_size) for v in ("sft", "fast", "exact")}
     sft = results["sft"]
     ratios = {f"{v}_{m}": results[v][key] / sft[key] for v in ("fast", "exact")
               for m, key in (("time", "seconds"), ("memory", "peak_bytes"))}
-    return {"benchmark": "train", "k": 4 if quick else 16, "machine": _machine(), "results": results,
-            "ratios": ratios}
+    return {"benchmark": "train", "k": 4 if quick else 16, "batch": batch_size, "machine": _machine(),
+            "results": results, "ratios": ratios}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -184,7 +184,7 @@ def main(args: argparse.Namespace) -> int:
         with torch.no_grad():
             report = bench_decode(args.quick, args.repeats)
     else:
-        report = bench_train(args.quick, args.repeats)
+        report = bench_train(args.quick, args.repeats, args.batch or (2 if args.quick else 4))
     for key, value in report["ratios"].items():
         print(f"{key:>14}: {value:.3f}")
     for name, row in report["results"].items():
