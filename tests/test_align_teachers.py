@@ -11,6 +11,7 @@ from valr.config import ValrConfig
 from valr.data import LayoutConfig, make_batch
 from valr.teachers import (
     FeatureCache,
+    FeatureCacheMismatch,
     HFVisionTeacher,
     TeacherSpec,
     build_teacher,
@@ -139,14 +140,22 @@ def test_feature_cache_hits_and_rejects_other_teachers(tmp_path, image_dir):
     teacher.encode = lambda ims: calls.append(len(ims)) or []
     second = target_features(teacher, paths, cache)
     assert calls == [] and all(torch.equal(first[p][0], second[p][0]) for p in first)
-    # a cache directory holding another encoder's file (e.g. copied by hand) is detected from its metadata
-    other_teacher = HFVisionTeacher(TeacherSpec(name="d2", image_size=56), model=enc)
+    cache.flush()  # features persist across processes: a fresh object reads the shards back
+    reopened = FeatureCache(tmp_path / "cache", teacher)
+    assert len(reopened) == 2 and torch.equal(reopened.get(image_dir / "b.png")[0], first[image_dir / "b.png"][0])
+    # the same teacher name with another encoder id (other model or resolution) is refused when opened
+    other_teacher = HFVisionTeacher(TeacherSpec(name="d", image_size=56), model=enc)
     other_teacher.id = "another-encoder"
-    other = FeatureCache(tmp_path / "cache", other_teacher)
-    for f in (cache.root / cache.tag).glob("*.safetensors"):
-        (other.root / other.tag / f.name).write_bytes(f.read_bytes())
-    with pytest.raises(ValueError, match=f"written by teacher '{teacher.id}', not 'another-encoder'"):
-        other.get(image_dir / "a.png")
+    with pytest.raises(FeatureCacheMismatch, match=f"made by encoder '{teacher.id}'.*is encoder 'another-encoder'"):
+        FeatureCache(tmp_path / "cache", other_teacher)
+    # a shard copied by hand into another encoder's cache directory is detected from its metadata
+    renamed = HFVisionTeacher(TeacherSpec(name="d2", image_size=56), model=enc)
+    renamed.id = "another-encoder"
+    FeatureCache(tmp_path / "cache", renamed)
+    for f in cache.dir.glob("shard-*.safetensors"):
+        (tmp_path / "cache" / "d2" / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(FeatureCacheMismatch, match=f"written by teacher '{teacher.id}', not 'another-encoder'"):
+        FeatureCache(tmp_path / "cache", renamed)
 
 
 def test_stage2_gradients_reach_projector_and_llm_not_teacher(tiny, records, tmp_path):

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 Features = list[tuple[torch.Tensor, tuple[int, int]]]
 
@@ -172,43 +172,175 @@ def build_teacher(spec: TeacherSpec, backbone=None) -> Teacher:
     return _PLUGINS[spec.kind](spec, backbone=backbone)
 
 
-class FeatureCache:
-    """Teacher features on disk, one safetensors file per (image content, teacher id).
+class FeatureCacheMismatch(ValueError):
+    """A feature cache directory was made by another encoder (or the same encoder at another resolution)."""
 
-    Keys hash the image bytes, so renamed or moved files still hit and edited files miss. The teacher id is
-    stored in each file's metadata and checked on read.
+
+def _describe(meta: dict[str, Any]) -> str:
+    parts = [f"encoder {meta.get('teacher_id')!r}"]
+    for key in ("image_size", "max_patches", "dtype"):
+        if meta.get(key) is not None:
+            parts.append(f"{key}={meta[key]}")
+    return ", ".join(parts)
+
+
+def teacher_metadata(teacher: Teacher) -> dict[str, Any]:
+    """What a cache records about the encoder that filled it (the id decides; the rest is for people)."""
+    return {"teacher_id": teacher.id, "teacher_name": teacher.name, "dim": int(teacher.dim),
+            "image_size": getattr(teacher, "image_size", None), "max_patches": getattr(teacher, "max_patches", None)}
+
+
+def _flush_pending(directory: Path, teacher_id: str, pending: dict, dtype: torch.dtype) -> Path | None:
+    """Write pending features as one new shard (temp file, then rename). Module-level so a finalizer can call it."""
+    if not pending:
+        return None
+    import os
+    import time
+    import uuid
+
+    tensors = {k: v.to(dtype).contiguous() for k, (v, _) in pending.items()}
+    grids = {k: list(g) for k, (_, g) in pending.items()}
+    name = f"shard-{time.time_ns()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors"
+    tmp = directory / (name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": FeatureCache.FORMAT, "teacher": teacher_id,
+                                           "grids": json.dumps(grids)})
+    tmp.replace(directory / name)
+    pending.clear()
+    return directory / name
+
+
+class FeatureCache:
+    """Teacher patch features on disk: sharded safetensors keyed by image content hash, one directory per teacher.
+
+    Layout: ``root/<teacher name>/meta.json`` (format, encoder id, dim, resolution, dtype) and
+    ``root/<teacher name>/shard-*.safetensors``; each shard holds many images' features under their SHA-256 (of
+    the file bytes, so moved files still hit and edited files miss) and repeats the encoder id and the grids in its
+    own metadata. Opening a directory made by another encoder id (another model or another resolution) raises
+    :class:`FeatureCacheMismatch` at once, before any work; so does a shard copied in from another cache.
+
+    ``put`` buffers in memory (visible to ``get`` at once) and writes a shard every ``shard_size`` images;
+    ``flush`` writes the rest (also done when the object is garbage-collected or the process exits normally).
+    Several processes may fill one directory at the same time: every shard has a unique name.
     """
 
-    def __init__(self, root: str | Path, teacher: Teacher):
+    FORMAT = "valr-features-2"
+
+    def __init__(self, root: str | Path, teacher: Teacher, shard_size: int = 256, dtype: str = "float32"):
+        import re
+        import weakref
+
         self.root = Path(root)
         self.teacher = teacher
-        self.tag = hashlib.sha256(teacher.id.encode()).hexdigest()[:16]
-        (self.root / self.tag).mkdir(parents=True, exist_ok=True)
+        safe = re.fullmatch(r"[A-Za-z0-9_.-]+", teacher.name) and teacher.name not in (".", "..")
+        self.dir = self.root / (teacher.name if safe else hashlib.sha256(teacher.name.encode()).hexdigest()[:16])
+        self.shard_size = shard_size
+        meta = {"format": self.FORMAT, **teacher_metadata(teacher), "dtype": dtype}
+        meta_file = self.dir / "meta.json"
+        if meta_file.is_file():
+            found = json.loads(meta_file.read_text())
+            if found.get("teacher_id") != teacher.id:
+                raise FeatureCacheMismatch(
+                    f"feature cache {self.dir} was made by {_describe(found)}, but teacher {teacher.name!r} of this "
+                    f"run is {_describe(meta)}; point feature_cache at another directory, or delete {self.dir} and "
+                    "rebuild it with `valr features`")
+            meta = found
+        else:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            import os
+            import uuid
 
-    def _file(self, image_path: Path) -> Path:
-        digest = hashlib.sha256(Path(image_path).read_bytes()).hexdigest()
-        return self.root / self.tag / f"{digest}.safetensors"
+            tmp = self.dir / f"meta.json.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"  # several processes may race
+            tmp.write_text(json.dumps(meta, indent=2))
+            tmp.replace(meta_file)
+        self.meta = meta
+        self.dtype = getattr(torch, meta.get("dtype", "float32"))
+        self._index: dict[str, Path] = {}
+        self._grids: dict[str, tuple[int, int]] = {}
+        self._pending: dict[str, tuple[torch.Tensor, tuple[int, int]]] = {}
+        self._digests: dict[tuple[str, int, int], str] = {}
+        self._shards: set[Path] = set()
+        self.refresh()
+        self._finalizer = weakref.finalize(self, _flush_pending, self.dir, teacher.id, self._pending, self.dtype)
 
+    # -- index ------------------------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """(Re)read the shard headers: picks up shards written by other processes since opening."""
+        from safetensors import safe_open
+
+        for shard in sorted(self.dir.glob("shard-*.safetensors")):
+            if shard in self._shards:
+                continue
+            with safe_open(str(shard), "pt") as fh:
+                meta = fh.metadata() or {}
+                keys = list(fh.keys())
+            if meta.get("teacher") != self.teacher.id:
+                raise FeatureCacheMismatch(
+                    f"feature cache file {shard} was written by teacher {meta.get('teacher')!r}, not "
+                    f"{self.teacher.id!r}; delete {self.dir} (or that file) to rebuild it with `valr features`")
+            grids = json.loads(meta.get("grids", "{}"))
+            for k in keys:
+                self._index[k] = shard
+                self._grids[k] = tuple(grids[k])
+            self._shards.add(shard)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable for data-loader workers started by spawn (read-only there: nothing is flushed at exit)."""
+        state = self.__dict__.copy()
+        state["_finalizer"] = None
+        state["_pending"] = dict(self._pending)
+        return state
+
+    def key(self, image_path: Path) -> str:
+        """SHA-256 of the file's bytes (memoised per path, size and modification time)."""
+        p = Path(image_path)
+        st = p.stat()
+        memo = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+        if memo not in self._digests:
+            self._digests[memo] = hashlib.sha256(p.read_bytes()).hexdigest()
+        return self._digests[memo]
+
+    def __len__(self) -> int:
+        return len(set(self._index) | set(self._pending))
+
+    def has_key(self, digest: str) -> bool:
+        return digest in self._pending or digest in self._index
+
+    def round_trip(self, feats: torch.Tensor) -> torch.Tensor:
+        """``feats`` as a later ``get`` returns them (stored dtype, read back as float32)."""
+        return feats.to(self.dtype).float()
+
+    # -- read / write ---------------------------------------------------------------------------------------
     def get(self, image_path: Path) -> tuple[torch.Tensor, tuple[int, int]] | None:
-        f = self._file(image_path)
-        if not f.is_file():
+        return self.get_key(self.key(image_path))
+
+    def get_key(self, digest: str) -> tuple[torch.Tensor, tuple[int, int]] | None:
+        if digest in self._pending:
+            feats, grid = self._pending[digest]
+            return self.round_trip(feats), grid
+        shard = self._index.get(digest)
+        if shard is None:
             return None
         from safetensors import safe_open
 
-        with safe_open(str(f), "pt") as fh:
-            meta = fh.metadata() or {}
-        if meta.get("teacher") != self.teacher.id:
-            raise ValueError(f"feature cache file {f} was written by teacher {meta.get('teacher')!r}, not "
-                             f"{self.teacher.id!r}; delete {self.root / self.tag} to rebuild it")
-        t = load_file(str(f))["features"]
-        return t, (int(meta["gh"]), int(meta["gw"]))
+        with safe_open(str(shard), "pt") as fh:
+            return fh.get_tensor(digest).float(), self._grids[digest]
 
     def put(self, image_path: Path, feats: torch.Tensor, grid: tuple[int, int]) -> None:
-        f = self._file(image_path)
-        tmp = f.with_suffix(".tmp")
-        save_file({"features": feats.contiguous()}, str(tmp),
-                  metadata={"teacher": self.teacher.id, "gh": str(grid[0]), "gw": str(grid[1])})
-        tmp.replace(f)
+        self.put_key(self.key(image_path), feats, grid)
+
+    def put_key(self, digest: str, feats: torch.Tensor, grid: tuple[int, int]) -> None:
+        self._pending[digest] = (feats.detach().cpu(), (int(grid[0]), int(grid[1])))
+        if len(self._pending) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        grids = {k: g for k, (_, g) in self._pending.items()}
+        shard = _flush_pending(self.dir, self.teacher.id, self._pending, self.dtype)
+        if shard is not None:
+            self._shards.add(shard)
+            for k, g in grids.items():
+                self._index[k] = shard
+                self._grids[k] = g
 
 
 def target_features(teacher: Teacher, paths: list[Path], cache: FeatureCache | None = None,
@@ -228,7 +360,8 @@ def target_features(teacher: Teacher, paths: list[Path], cache: FeatureCache | N
             todo.append(p)
     if todo:
         for p, (feats, grid) in zip(todo, teacher.encode([load(p) for p in todo]), strict=True):
-            result[p] = (feats, grid)
             if cache is not None:
                 cache.put(p, feats, grid)
+                feats = cache.round_trip(feats)  # exactly what a later read from the cache returns
+            result[p] = (feats, grid)
     return result
