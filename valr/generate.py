@@ -14,10 +14,45 @@ a sample in latent mode feeds back its own last final-layer hidden state for K p
 ``</latent>`` is never sampled (the engine appends it), and the slot placeholder never appears as a token.
 ``max_new_tokens`` counts generated tokens, the two markers included; latent positions are not tokens, but
 every result reports ``generated_positions`` (tokens plus latent positions) as the compute actually spent.
+
+Reasoning budget (``min_steps`` / ``max_steps``; both off by default, and then nothing below changes a token):
+
+* A *step* is a line: it is completed by a generated text token whose text ends with the step delimiter (the
+  ``step_end`` table; "\\n" by default; a token such as "\\n\\n" completes one step). ``steps`` counts the steps
+  completed before the answer starts; lines after the answer are not counted.
+* A *line start* is the start of the output and the position after a step-completing token. It lasts through
+  a latent segment: after ``<latent>`` [K positions] ``</latent>`` at a line start the next token is still at
+  the line start (this is where a stage-2 model chooses between the next step and the answer).
+* The *answer prefix* is ``answer_prefix`` ("Answer: ", as in the training layout). Its *forced tokens* are the
+  tokens every ``answer_prefix + x`` line begins with (the longest common prefix of the tokenizations of the
+  prefix followed by a few probe answers), so whitespace that byte-level BPE merges into the answer token
+  (" B") is left to the model. Its *first token* is the first of those.
+* The model *tries to answer* when, at a line start, the token it chooses is the first token of the answer
+  prefix. From then on the sample is *answering* (no more steps are counted, no control applies). This is a
+  one-token test: a step that happens to begin with the same token counts as an answer (the built-in world's
+  steps begin with "view"; check your data's steps with the tokenizer if in doubt).
+* ``min_steps``: while fewer steps are completed (and the sample is not answering), the answer's first token is
+  suppressed at line starts and end-of-sequence is suppressed everywhere, so the model continues with a new
+  step. ``suppressed_answers`` counts the line-start decisions where the answer's first token was the top choice
+  before suppression.
+* ``max_steps``: at the first line-start decision after ``max_steps`` steps are completed, the forced tokens of
+  the answer prefix are appended one per position (``forced_answer`` is set) and the model writes the answer
+  after them. Under policy ``force`` no latent segment is forced before a forced answer (and under ``model`` a
+  ``<latent>`` the model would choose there is overridden): the budget ends the reasoning, latent or not.
+  ``max_steps=0`` answers at once.
+* ``max_new_tokens`` still caps everything, forced tokens included: a budget too small for the steps asked for
+  ends the output early (``finished`` is false).
+
+Latent interventions: ``latent_hook(sample, segment, position, vector) -> vector`` transforms every fed-back
+latent vector before it is fed (``sample`` is the index in the call's prompt list, ``segment`` counts the
+sample's latent segments from 0, ``position`` the slot within the segment from 0, ``vector`` the (D,) final
+hidden state). The next position's hidden state is computed from what was fed, so an intervention propagates
+through the rest of the segment. ``latents`` in the result (``return_latents``) are the vectors actually fed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -52,6 +87,13 @@ class GenerationConfig:
     max_latent_segments: int | None = None  # per sample; None = no cap beyond max_new_tokens
     return_latents: bool = False
     system_prompt: str | None = None
+    min_steps: int = 0  # reasoning budget: an earlier answer (or end) is suppressed; see the module docstring
+    max_steps: int | None = None  # the answer is forced after this many steps; None = no maximum
+    answer_prefix: str = "Answer: "  # how the answer line starts (the layout's answer_prefix)
+    latent_hook: LatentHook | None = None  # transforms each fed-back latent vector (interventions)
+
+
+LatentHook = Callable[[int, int, int, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -70,6 +112,10 @@ class GenerationResult:
     generated_positions: int  # tokens + latent positions
     latents: list[torch.Tensor] | None = None  # per segment, the (K, D) fed-back vectors
     finished: bool = False  # reached EOS (False: hit max_new_tokens)
+    steps: int = 0  # reasoning steps (lines) completed before the answer started
+    answered: bool = False  # the answer line started (the model's own choice or forced)
+    forced_answer: bool = False  # max_steps forced the answer prefix
+    suppressed_answers: int = 0  # line starts where min_steps suppressed the top-choice answer token
 
 
 class Generator:
@@ -86,11 +132,18 @@ class Generator:
             eos.add(tokenizer.eos_token_id)
         self.eos = sorted(eos)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
+        self._answer: dict[str, list[int]] = {}
 
     def step_end(self, delimiter: str) -> torch.Tensor:
         if delimiter not in self._step_end:
             self._step_end[delimiter] = step_end_table(self.tokenizer, delimiter)
         return self._step_end[delimiter]
+
+    def answer_tokens(self, prefix: str) -> list[int]:
+        """The forced tokens of an answer prefix: those every ``prefix + answer`` line starts with."""
+        if prefix not in self._answer:
+            self._answer[prefix] = answer_prefix_tokens(self.tokenizer, prefix)
+        return self._answer[prefix]
 
     def encode_prompts(self, prompts: list[Prompt], system_prompt: str | None = None):
         """Left-padded prompt ids, mask, all images of the batch, and each sample's unpadded ids."""
@@ -134,6 +187,10 @@ class Generator:
             raise ValueError(f"unknown latent policy {cfg.latent_policy!r}; use model, force or off")
         if cfg.k < 1 and cfg.latent_policy != "off":
             raise ValueError(f"k must be >= 1 for latent policy {cfg.latent_policy!r} (use policy 'off' for none)")
+        if cfg.min_steps < 0 or (cfg.max_steps is not None and cfg.max_steps < 0):
+            raise ValueError(f"min_steps and max_steps must be >= 0, got {cfg.min_steps} and {cfg.max_steps}")
+        if cfg.max_steps is not None and cfg.max_steps < cfg.min_steps:
+            raise ValueError(f"max_steps ({cfg.max_steps}) is below min_steps ({cfg.min_steps})")
         ids, mask, images, per_ids = self.encode_prompts(prompts, cfg.system_prompt)
         return self.run(ids, mask, images, per_ids, cfg)
 
@@ -164,12 +221,34 @@ class Generator:
         at_boundary = [cfg.latent_policy == "force"] * batch
         done = [False] * batch
         finished = [False] * batch
+        # reasoning-budget state (see the module docstring); only bookkeeping unless min/max_steps are set
+        answer_ids = self.answer_tokens(cfg.answer_prefix)
+        answer_first = answer_ids[0]
+        line_start = [True] * batch
+        steps = [0] * batch
+        answering = [False] * batch
+        forced_answer = [False] * batch
+        forced: list[list[int]] = [[] for _ in range(batch)]
+        suppressed = [0] * batch
+        hook = cfg.latent_hook
         while not all(done):
             logits = bb.logits(hidden).float()
             logits[:, banned] = float("-inf")
             if cfg.min_new_tokens:
                 early = torch.tensor([len(t) < cfg.min_new_tokens for t in tokens], device=device)
                 logits[early.nonzero(as_tuple=True)[0][:, None], torch.tensor(self.eos, device=device)] = float("-inf")
+            if cfg.min_steps:
+                short = [b for b in range(batch) if not done[b] and not answering[b] and steps[b] < cfg.min_steps]
+                if short:
+                    top = logits[short].argmax(-1).tolist()
+                    for b, t in zip(short, top, strict=True):
+                        if line_start[b]:
+                            decides = latent_left[b] == 0 and not close_next[b] and not (
+                                cfg.latent_policy == "force" and at_boundary[b] and self._segments_left(tokens[b], cfg))
+                            suppressed[b] += int(decides and t == answer_first)
+                            logits[b, answer_first] = float("-inf")
+                    logits[torch.tensor(short, device=device)[:, None],
+                           torch.tensor(self.eos, device=device)] = float("-inf")
             history = torch.tensor([t[-1:] or [self.pad_id] for t in tokens], device=device)
             scores = procs(history, logits)
             if cfg.do_sample:
@@ -179,31 +258,48 @@ class Generator:
             feed_hidden = torch.zeros(batch, dtype=torch.bool, device=device)
             feed_ids = torch.full((batch,), self.pad_id, dtype=torch.long, device=device)
             active = torch.zeros(batch, dtype=torch.long, device=device)
+            fed = hidden.clone() if hook is not None else hidden
             for b in range(batch):
                 if done[b]:
                     continue
                 active[b] = 1
                 if latent_left[b] > 0:
                     feed_hidden[b] = True
+                    vector = hidden[b]
+                    if hook is not None:
+                        vector = hook(b, len(latents[b]) - 1, cfg.k - latent_left[b], vector)
+                        fed[b] = vector.to(fed.device, fed.dtype)
                     latent_left[b] -= 1
                     n_latent[b] += 1
                     if cfg.return_latents:
-                        latents[b][-1].append(hidden[b].cpu())
+                        latents[b][-1].append(fed[b].cpu())
                     close_next[b] = latent_left[b] == 0
                     continue
                 if close_next[b]:
                     token = lat.end
                     close_next[b] = False
+                elif forced[b]:
+                    token = forced[b].pop(0)
+                    at_boundary[b] = bool(step_end[token]) if token < step_end.numel() else False
+                elif cfg.max_steps is not None and line_start[b] and not answering[b] and steps[b] >= cfg.max_steps:
+                    token, forced[b] = answer_ids[0], list(answer_ids[1:])
+                    forced_answer[b] = True
+                    at_boundary[b] = bool(step_end[token]) if token < step_end.numel() else False
                 else:
                     token = int(chosen[b])
-                    segments_left = cfg.max_latent_segments is None or \
-                        sum(1 for t in tokens[b] if t == lat.start) < cfg.max_latent_segments
+                    segments_left = self._segments_left(tokens[b], cfg)
                     if cfg.latent_policy == "force" and at_boundary[b] and segments_left:
                         token = lat.start
                     elif token == lat.start and not segments_left:
                         token = int(scores[b].masked_fill(
                             torch.arange(scores.shape[1], device=device) == lat.start, float("-inf")).argmax())
                     at_boundary[b] = bool(step_end[token]) if token < step_end.numel() else False
+                if token not in (lat.start, lat.end):
+                    if line_start[b] and not answering[b] and token == answer_first:
+                        answering[b] = True
+                    line_start[b] = bool(step_end[token]) if token < step_end.numel() else False
+                    if line_start[b] and not answering[b]:
+                        steps[b] += 1
                 tokens[b].append(token)
                 feed_ids[b] = token
                 if token == lat.start:
@@ -216,14 +312,22 @@ class Generator:
             if all(done):
                 break
             inputs = embed(feed_ids)
-            inputs = torch.where(feed_hidden[:, None], hidden.to(inputs.dtype), inputs)
+            inputs = torch.where(feed_hidden[:, None], fed.to(inputs.dtype), inputs)
             mask = torch.cat([mask, active[:, None]], 1)
             pos = next_pos.view(1, batch, 1).expand(3, batch, 1)
             out = bb.decode(inputs[:, None], pos, mask, cache)
             cache, hidden = out.cache, out.last_hidden[:, -1]
             next_pos = next_pos + active
-        return [self._result(tokens[b], per_ids[b], n_latent[b], latents[b], cfg, finished[b])
-                for b in range(batch)]
+        results = [self._result(tokens[b], per_ids[b], n_latent[b], latents[b], cfg, finished[b])
+                   for b in range(batch)]
+        for b, r in enumerate(results):
+            r.steps, r.answered, r.forced_answer, r.suppressed_answers = \
+                steps[b], answering[b], forced_answer[b], suppressed[b]
+        return results
+
+    def _segments_left(self, tokens: list[int], cfg: GenerationConfig) -> bool:
+        return cfg.max_latent_segments is None or \
+            sum(1 for t in tokens if t == self.latent.start) < cfg.max_latent_segments
 
     def _result(self, tokens: list[int], prompt: list[int], n_latent: int, latents: list[list[torch.Tensor]],
                 cfg: GenerationConfig, finished: bool) -> GenerationResult:
@@ -251,3 +355,26 @@ class Generator:
             latent_segments=segments, generated_positions=len(tokens) + n_latent,
             latents=[torch.stack(seg) for seg in latents if seg] if cfg.return_latents else None,
             finished=finished)
+
+
+ANSWER_PROBES = ("A", "B", "1", "12", "yes", "x")
+
+
+def answer_prefix_tokens(tokenizer: PreTrainedTokenizerBase, prefix: str) -> list[int]:
+    """The tokens every ``prefix + answer`` line starts with: the longest common prefix of the tokenizations of
+    ``prefix`` followed by a few probe answers (so "Answer: " gives the tokens of "Answer:" when the space merges
+    into the answer token, as in byte-level BPE). Falls back to the prefix's own tokens when that is empty."""
+    if not prefix:
+        raise ValueError("answer_prefix must not be empty")
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    common = ids(prefix + ANSWER_PROBES[0])
+    for probe in ANSWER_PROBES[1:]:
+        other = ids(prefix + probe)
+        n = 0
+        while n < min(len(common), len(other)) and common[n] == other[n]:
+            n += 1
+        common = common[:n]
+    return common or ids(prefix)

@@ -14,7 +14,8 @@ Outputs in ``--out`` (``OUT``):
 * ``run.json``: ``settings``, what determines the outputs: a fingerprint of the checkpoint (its config files, and
   the size, first and last MiB of each weight file), the benchmark and a fingerprint of its items (ids, prompts,
   options, image counts), loader options such as the frame count, latent policy, K, token budget, dtype,
-  sampling, system prompt and step delimiter. A rerun into the same ``OUT`` with different settings is refused
+  sampling, system prompt, step delimiter and the reasoning budget (``--min-steps``/``--max-steps``, recorded only
+  when set; semantics in ``valr.generate``). A rerun into the same ``OUT`` with different settings is refused
   unless ``--force-new`` is given, which moves the previous outputs to ``OUT/replaced-<UTC time>/`` and starts
   afresh (so is a rerun into an ``OUT`` that holds predictions but no ``run.json``). ``info`` may change between
   reruns: model and data paths (a moved checkpoint or data file is still the same run), media roots, limit,
@@ -440,6 +441,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model: latent mode when the model emits <latent>; force: also before the answer and after "
                         "every step delimiter; off: never (plain decoding)")
     p.add_argument("--k", type=int, help="latent positions per segment (default: the checkpoint's K)")
+    p.add_argument("--min-steps", type=int, default=0,
+                   help="reasoning budget: an answer (or end) before this many steps (lines) is suppressed and the "
+                        "model continues with a new step (default 0; semantics in valr.generate)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="reasoning budget: after this many steps the answer prefix is forced (default: no maximum)")
+    p.add_argument("--answer-prefix", default=None,
+                   help="how the answer line starts, for the step budget (default: the checkpoint's, 'Answer: ')")
     p.add_argument("--batch-size", type=int, default=8, help="items per generation call (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="generated-token budget per item (default 512)")
     p.add_argument("--num-frames", type=int, help="video frames per item (VSI-Bench; default 32)")
@@ -494,11 +502,24 @@ def _state(device: str):
     return PartialState(cpu=cpu, timeout=dt.timedelta(hours=24)), cpu
 
 
+def _answer_prefix(args: argparse.Namespace, vcfg: Any) -> str:
+    return args.answer_prefix if args.answer_prefix is not None else vcfg.answer_prefix
+
+
+def _budget_settings(args: argparse.Namespace, vcfg: Any) -> dict[str, Any]:
+    """The reasoning budget in the run's settings, only when one is set (so runs without one keep their settings)."""
+    if not args.min_steps and args.max_steps is None:
+        return {}
+    return {"min_steps": args.min_steps, "max_steps": args.max_steps, "answer_prefix": _answer_prefix(args, vcfg)}
+
+
 def run(args: argparse.Namespace) -> int:
     for opt in ("limit", "batch_size", "max_new_tokens", "num_frames", "k"):
         value = getattr(args, opt)
         if value is not None and value < 1:
             raise RunError(f"--{opt.replace('_', '-')} must be >= 1, got {value}")
+    if args.min_steps < 0 or (args.max_steps is not None and not args.min_steps <= args.max_steps):
+        raise RunError(f"--min-steps ({args.min_steps}) must be >= 0 and at most --max-steps ({args.max_steps})")
     model_dir = args.model.resolve()
     if not (model_dir / "config.json").is_file():
         raise RunError(f"{args.model} is not a model directory (no config.json)")
@@ -522,6 +543,7 @@ def run(args: argparse.Namespace) -> int:
             "sampling": {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                          "seed": args.seed} if args.sample else None,
             "system_prompt": args.system_prompt, "step_delimiter": vcfg.step_delimiter,
+            **_budget_settings(args, vcfg),
         },
         info={"model": str(model_dir), "data": str(args.data.resolve()),
               "paths": {k_: v for k_, v in opts.items() if k_ in PATH_OPTIONS},
@@ -585,7 +607,8 @@ def _run_locked(args: argparse.Namespace, state: Any, plan: Plan, name: str, ite
         cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, latent_policy=args.latent_policy, k=k,
                                do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
                                top_p=args.top_p, seed=args.seed, step_delimiter=vcfg.step_delimiter,
-                               system_prompt=args.system_prompt)
+                               system_prompt=args.system_prompt, min_steps=args.min_steps, max_steps=args.max_steps,
+                               answer_prefix=_answer_prefix(args, vcfg))
         target = out / PREDICTIONS if world == 1 else rank_file(out, rank)
         generate_items(gen, shard, cfg, args.batch_size, lambda lines: append_lines(target, lines), log=log)
     state.wait_for_everyone()
