@@ -17,10 +17,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests
+	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest tests
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/valr demo
+	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/valr demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check valr tests bench
