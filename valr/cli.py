@@ -114,6 +114,18 @@ def _data(args: argparse.Namespace) -> int:
     return make_smoke_main(args)
 
 
+def _scale(args: argparse.Namespace) -> int:
+    from valr.scale import scale_main
+
+    return scale_main(args)
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    from valr.diagnostics.cli import diagnose_main
+
+    return diagnose_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="valr",
@@ -163,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="small sizes (smoke run, numbers not meaningful)")
     b.add_argument("--repeats", type=int, default=3, help="timed repetitions (the median is reported)")
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    b.add_argument("--batch", type=int, default=None, help="train: records per step (default 4; 2 with --quick)")
     b.set_defaults(func=_bench)
 
     d = sub.add_parser("demo", help="the built-in spatial world: SFT vs VaLR end to end (in progress)")
@@ -231,6 +244,25 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--n-val", type=int, default=8)
     dm.add_argument("--seed", type=int, default=0)
     da.set_defaults(func=_data)
+
+    sc = sub.add_parser("scale", help="sweep reasoning budget x latent K: accuracy vs thinking compute",
+                        description="Generate a benchmark at every (steps, K) pair: min = max = steps reasoning "
+                                    "steps (--budget max: at most), K latent positions per segment (K = 0: plain "
+                                    "decoding). Writes OUT/scale.json (a row per model, K and steps) and "
+                                    "OUT/scale.png (accuracy against generated positions, a line per model and K).")
+    from valr.scale import add_arguments as _scale_arguments
+
+    _scale_arguments(sc)
+    sc.set_defaults(func=_scale)
+
+    dg = sub.add_parser("diagnose", help="diagnostics: dilution, faithfulness, collapse (JSON + PNG)",
+                        description="Diagnose latent reasoning on a records file: dilution (attention mass on image "
+                                    "tokens and cosine to the teacher along the generation), faithfulness "
+                                    "(interventions on latents), collapse and norms. See docs/diagnostics.md.")
+    from valr.diagnostics.cli import add_arguments as _diagnose_arguments
+
+    _diagnose_arguments(dg)
+    dg.set_defaults(func=_diagnose)
 
     e = sub.add_parser("eval", help="evaluation: `valr eval run --help`, `valr eval score --help`, "
                                     "`valr eval length --help`", add_help=False)
