@@ -16,14 +16,6 @@ from valr.generate import GenerationConfig, Generator, Prompt, answer_prefix_tok
 NEG = float("-inf")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _prompts(image_dir):
     im = {n: Image.open(image_dir / f"{n}.png") for n in "abcd"}
     return [Prompt("What is left of the cube?", [im["a"]]),

@@ -27,14 +27,6 @@ from valr.diagnostics.common import (
 from valr.diagnostics.dilution import sample_dilution
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Two tiny checkpoints (one with a trained-shape projector for the 'self' teacher, one without) and a

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from eval_fixtures import write_records_benchmark, write_tiny_checkpoint, write_vsibench
 
 from valr.cli import main
@@ -24,15 +23,6 @@ BASE = ["--benchmark", "records", "--latent-policy", "force", "--k", "2", "--max
 
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's matmuls are fastest on one thread, and far slower with two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
