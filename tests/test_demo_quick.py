@@ -1,0 +1,66 @@
+"""`valr demo --quick` end to end through the real command line: it completes, writes results.json with the
+documented keys, report.md and the figures, and a rerun reuses every finished stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+VARIANTS = ("sft", "latent_no_align", "valr_s", "valr_m")
+
+
+def _run(out, *extra):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "valr.cli", "demo", "--quick", "--out", str(out), *extra],
+                          capture_output=True, text=True, env=env, timeout=170)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc, time.perf_counter() - t0
+
+
+def _frac(x):
+    return isinstance(x, float) and 0.0 <= x <= 1.0
+
+
+def test_demo_quick_writes_documented_files(tmp_path):
+    out = tmp_path / "demo"
+    proc, _ = _run(out, "--seed", "3")
+    res = json.loads((out / "results.json").read_text())
+
+    assert res["seed"] == 3 and res["quick"] is True
+    assert isinstance(res["config"], dict) and res["config"]["k"] >= 1
+    assert res["stage_seconds"] and all(isinstance(s, (int, float)) and s >= 0 for s in res["stage_seconds"].values())
+    for stage in ("world", "teacher", "stage0", "stage1", "sft", "latent_no_align", "valr_s", "valr_m"):
+        assert stage in res["stage_seconds"], stage
+    assert set(VARIANTS) <= set(res["variants"])
+    n_max = res["config"]["n_max"]
+    for name in VARIANTS:
+        v = res["variants"][name]
+        assert _frac(v["accuracy"]), (name, v["accuracy"])
+        assert set(v["accuracy_by_n"]) == {str(n) for n in range(1, n_max + 1)}
+        assert all(_frac(a) for a in v["accuracy_by_n"].values())
+        assert v["n"] == res["config"]["n_test"]
+    valr_s = res["variants"]["valr_s"]
+    assert set(valr_s["accuracy_by_k"]) == {str(k) for k in res["config"]["test_ks"]} | {str(res["config"]["k"])}
+    assert all(_frac(a) for a in valr_s["accuracy_by_k"].values())
+    assert "1.0" in valr_s["data_fraction"] and str(res["config"]["data_fraction"]) in valr_s["data_fraction"]
+    assert all(_frac(f["accuracy"]) for f in valr_s["data_fraction"].values())
+    # the alignment loss is measured for the aligned variants only
+    assert res["training"]["valr_s"]["align_last"] > 0 and "align_last" not in res["training"]["sft"]
+    assert res["targets"] == {}  # quick mode makes no accuracy claims
+    assert (out / "report.md").read_text().startswith("# valr demo report")
+    for fig in ("accuracy_per_variant.png", "accuracy_by_n.png", "accuracy_by_length.png", "accuracy_by_k.png"):
+        assert (out / "figures" / fig).stat().st_size > 1000, fig
+    printed = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(printed) == set(VARIANTS)
+
+    # a rerun reuses every stage: nothing is trained or generated again
+    _, secs = _run(out, "--seed", "3")
+    again = json.loads((out / "results.json").read_text())
+    assert set(again["reused_stages"]) == set(again["stage_seconds"])
+    assert again["variants"]["valr_s"]["accuracy"] == valr_s["accuracy"]
+    assert again["stage_seconds"] == res["stage_seconds"]
+    assert secs < 60

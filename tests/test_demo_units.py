@@ -1,0 +1,159 @@
+"""The demo's pieces that need no training: stage caching, stage-0 records, scoring by N and by step position,
+the targets and the multi-seed summary."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from valr.demo import Stages, check_targets, read_records, score_predictions, shade_views, summarize
+from valr.synth.dataset import make_world_dataset
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    make_world_dataset(out, seed=5, n_train=12, n_val=4, n_test=8, n_range=(1, 3))
+    return out
+
+
+def test_stages_reuse_and_invalidate(tmp_path):
+    st = Stages(tmp_path)
+    calls = []
+
+    def fn(d):
+        calls.append(d)
+        (d / "x").write_text("1")
+        return {"v": len(calls)}
+
+    assert st.run("a", {"p": 1}, fn) == {"v": 1}
+    assert Stages(tmp_path).run("a", {"p": 1}, fn) == {"v": 1}  # reused, not rerun
+    assert len(calls) == 1
+    st2 = Stages(tmp_path)
+    assert st2.run("a", {"p": 2}, fn) == {"v": 2}  # other settings: the stage reruns from scratch
+    assert st2.reused == [] and "a" in st2.seconds
+    # an interrupted stage with the same settings keeps its directory (a trainer resumes there)
+    (tmp_path / "b").mkdir()
+    st3 = Stages(tmp_path)
+
+    def crash(d):
+        (d / "partial").write_text("x")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        st3.run("b", {"q": 1}, crash)
+    seen = []
+    Stages(tmp_path).run("b", {"q": 1}, lambda d: seen.append((d / "partial").is_file()) or {})
+    assert seen == [True]
+
+
+def test_read_records_read_real_cells_of_training_scenes(world):
+    from valr.data import load_records
+    from valr.synth.dataset import load_labels, scene_from_labels
+
+    f = world / "read_test.jsonl"
+    n = read_records(world, f, seed=0)
+    recs = load_records(f)
+    assert n == len(recs) > 0
+    labels = load_labels(world)
+    kinds = set()
+    for r in recs:
+        assert all(p.parent.name == "train" for p in r.images)  # training scenes only
+        assert r.answer == str(len(r.steps)) and len(r.steps) >= 1
+        if len(r.images) == 1:  # one view: "row R col C: size colour shape"
+            kinds.add("one")
+            assert all(s.text.startswith("row ") for s in r.steps)
+        else:  # all views, the CoT's lookup format, checked against the scene
+            kinds.add("all")
+            scene = scene_from_labels(labels, r, world)
+            for s in r.steps:
+                head, said = s.text.split(": ")
+                _, v, _, row, _, col = head.split()
+                assert scene.obj(int(v) - 1, int(row) - 1, int(col) - 1).describe() == said
+                assert s.target.image_index == int(v) - 1
+    assert kinds == {"one", "all"}
+
+
+def test_shade_views_marks_each_view_and_is_idempotent(world, tmp_path):
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    w = tmp_path / "w"
+    shutil.copytree(world, w)
+    first = shade_views(w, 20, 0)
+    assert first > 0
+    assert shade_views(w, 20, 0) == 0  # nothing left to shade
+    for v in range(4):
+        a = np.asarray(Image.open(next((w / "images" / "train").glob(f"*_v{v}.png"))))
+        assert tuple(a[1, 1]) == (40, 40 + 20 * v, 40)  # a background pixel of the top-left cell
+
+
+def test_score_predictions_by_n_and_step_position(world, tmp_path):
+    from valr.data import load_records
+
+    recs = load_records(world / "test.jsonl")
+    lines = []
+    for i, r in enumerate(recs):
+        steps = [s.text for s in r.steps]
+        if i % 2 == 1 and len(steps) > 1:
+            steps[0] = "view 9 row 9 col 9: nothing"  # a wrong first step, right answer
+        raw = "".join(f"<latent>[4 latent positions]</latent>{s}\n" for s in steps) + f"Answer: {r.answer}"
+        lines.append({"id": r.id, "prediction": r.answer if i % 4 != 3 else "Z", "raw": raw,
+                      "generated_tokens": 10 * len(steps), "generated_positions": 16 * len(steps),
+                      "latent_segments": len(steps), "finished": True})
+    pf = tmp_path / "predictions.jsonl"
+    pf.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    m = score_predictions(world / "test.jsonl", pf)
+    assert m["n"] == len(recs)
+    assert set(m["accuracy_by_n"]) <= {"1", "2", "3"}
+    expected = sum(0.0 if i % 4 == 3 else 1.0 for i in range(len(recs))) / len(recs)
+    assert m["accuracy"] == pytest.approx(expected)
+    # step 1 is wrong exactly where it was replaced; later steps are only counted after a right prefix
+    wrong_first = sum(1 for i, r in enumerate(recs) if i % 2 == 1 and len(r.steps) > 1)
+    assert m["step_accuracy_by_position"]["1"] == pytest.approx(1 - wrong_first / len(recs))
+    assert m["step_accuracy_by_position"].get("2", 1.0) == 1.0
+    assert m["latent_segments_per_step"] == pytest.approx(1.0)
+
+
+def _variant(acc, by_n, counts=None):
+    counts = counts or {k: 10 for k in by_n}
+    return {"accuracy": acc, "accuracy_by_n": by_n, "count_by_n": counts}
+
+
+def test_check_targets_reports_numbers_and_verdicts():
+    by_n_sft = {str(n): 0.9 - 0.08 * (n - 1) for n in range(1, 9)}
+    by_n_valr = {str(n): 0.9 - 0.02 * (n - 1) for n in range(1, 9)}
+    v = {"sft": _variant(0.6, by_n_sft), "latent_no_align": _variant(0.61, by_n_sft),
+         "valr_s": {**_variant(0.8, by_n_valr), "data_fraction": {"1.0": {"accuracy": 0.8},
+                                                                  "0.25": {"accuracy": 0.65}}}}
+    t = check_targets(v, n_hi=8)
+    assert t["valr_s_beats_sft_by_5pts_on_long"]["met"] is True
+    assert t["valr_s_beats_sft_by_5pts_on_long"]["gap"] == pytest.approx(0.36)
+    assert t["no_align_within_2pts_of_sft"]["met"] is True
+    assert t["valr_s_falls_less_with_n"]["difference"] == pytest.approx(0.76 / 0.9 - 0.34 / 0.9)
+    assert t["valr_s_small_data_matches_sft_full"]["met"] is True
+    v["latent_no_align"]["accuracy"] = 0.5
+    assert check_targets(v)["no_align_within_2pts_of_sft"]["met"] is False
+
+
+def test_summarize_means_over_seeds():
+    def run(seed, a):
+        vs = {n: {**_variant(a + d, {"1": a + d, "2": a}), "accuracy_long": a}
+              for n, d in (("sft", 0.0), ("latent_no_align", 0.01), ("valr_s", 0.1))}
+        vs["valr_s"]["accuracy_by_k"] = {"1": a, "4": a + 0.1}
+        vs["valr_s"]["data_fraction"] = {"1.0": {"accuracy": a + 0.1, "accuracy_by_n": {"1": a}},
+                                         "0.25": {"accuracy": a, "accuracy_by_n": {"1": a}}}
+        return {"seed": seed, "config": {"n_max": 2}, "variants": vs, "targets": {}, "stage_seconds": {"x": 1.0},
+                "total_seconds": 10.0}
+
+    s = summarize({"0": run(0, 0.4), "1": run(1, 0.6)}, "valr demo --seeds 0,1")
+    assert s["seeds"] == [0, 1]
+    assert s["means"]["sft"]["accuracy"] == pytest.approx(0.5)
+    assert s["means"]["valr_s"]["accuracy_by_k"]["4"] == pytest.approx(0.6)
+    assert s["std"]["sft"]["accuracy"] == pytest.approx(0.1414, abs=1e-3)
+    assert s["means"]["valr_s"]["data_fraction"]["0.25"]["accuracy"] == pytest.approx(0.5)
+    assert "no_align_within_2pts_of_sft" in s["targets_on_means"]
+    assert set(s["runs"]) == {"0", "1"}

@@ -1,0 +1,1007 @@
+"""``valr demo``: the built-in spatial world end to end -- SFT vs latents without alignment vs VaLR on one laptop.
+
+Pipeline (every stage is cached under ``OUT/<stage>/`` with a ``done.json`` marker that records the stage's
+settings fingerprint, its result and its measured seconds; a rerun reuses every finished stage whose settings
+and upstream stages are unchanged, and redoes the rest; an interrupted training stage resumes from its last
+checkpoint):
+
+1. ``world``     the dataset (``valr.synth.dataset.make_world_dataset``): scenes of 4 views on a 4x4 cell grid,
+                 questions whose every step is one lookup in one view (N = 1..n_max steps), labels.npz. Two
+                 perception aids: the world's own ``cell_tint`` (a cell's row/col shade its background) and a
+                 per-view background shade (:func:`shade_views`), so a visual token's pixels say where it is.
+2. ``teacher``   the perception teacher (``valr.synth.teacher``): a small Dinov2Model trained on the per-cell
+                 labels of the training views, frozen afterwards. It plays DINOv3's role.
+3. ``vision``    a random tiny Qwen2.5-VL (transformers class, world tokenizer, latent tokens) whose own vision
+                 tower is pretrained on the same dense labels (:func:`pretrain_vision`; the stand-in for the
+                 pretrained ViT of a real MLLM).
+4. ``stage0``    the language model learns to read cells by address ("read view 3 row 2 col 1, ..." ->
+                 "view 3 row 2 col 1: large red cube"), the primitive every reasoning step uses.
+5. ``stage1``    chain-of-thought SFT on the training records (vision tower frozen from here on, as in the paper).
+6. variants, each from the stage-1 checkpoint with the same number of steps and the same LR schedule:
+   ``sft``              stage 1 continued (so SFT trains as long as stage 1 + stage 2 together),
+   ``latent_no_align``  stage 2 with lambda = 0 (latent segments, no REPA),
+   ``valr_s``           stage 2 with REPA to the perception teacher,
+   ``valr_m``           (optional) REPA to the perception teacher and the MLLM's own vision tower ("QE"),
+   ``stage1_f25`` + ``valr_s_f25``  stage 1 and VaLR-S on the first 25 % of the training records
+                        (same number of steps: the paper's fixed-iteration data-scaling setting).
+7. ``eval/*``    greedy generation through ``valr eval run`` (the records benchmark: option letters scored
+                 exactly, counts by MRA) on the test split; latent variants decode with ``--latent-policy model``
+                 (they enter latent mode when they emit ``<latent>`` themselves), SFT with ``off``; VaLR-S also at
+                 other test-time K.
+8. ``results.json``, ``report.md`` and the figures: accuracy per variant, accuracy by chain length N (the
+   dilution curve), accuracy by generated length (the paper's Fig. 2 analysis), accuracy vs test-time K, and
+   per-step accuracy by step position.
+
+All training goes through ``valr.trainer.train`` (the loop users run), all evaluation through ``valr eval run``.
+Nothing here is tuned on the test split (development runs use ``eval_split="val"``). ``--quick`` runs the same
+pipeline at toy sizes (a smoke test: its accuracies mean nothing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Passive OpenMP waiting: on a shared 2-core machine, torch's 2 worker threads spin-waiting at every barrier make
+# a step up to 5x slower as soon as another process takes a core (measured: 8.1 s active vs 1.8 s passive per
+# step of a 4-layer width-128 transformer at batch 32). Takes effect only if torch is not imported yet.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from valr.synth.teacher import TeacherTrainConfig  # noqa: E402  (imports torch)
+
+FORMAT = 1
+VARIANTS = ("sft", "latent_no_align", "valr_s", "valr_m")
+TARGET_NS = (6, 7, 8)  # "long chains" for the N >= 6 target (all N >= 6 present in the test split)
+
+
+@dataclass
+class DemoConfig:
+    seed: int = 0
+    quick: bool = False
+    # world
+    n_train: int = 4000
+    n_val: int = 300
+    n_test: int = 400
+    n_min: int = 1
+    n_max: int = 8
+    n_views: int = 4
+    cell_tint: int = 16  # the world's opt-in aid: a cell's row/col shade its background (red/blue channel)
+    view_shade: int = 20  # demo aid: view v's background gets +v*view_shade in the green channel
+    # the MLLM (Qwen2.5-VL architecture, tiny)
+    hidden: int = 256
+    layers: int = 4
+    heads: int = 8
+    kv_heads: int = 4
+    intermediate: int = 512
+    vision_depth: int = 2
+    vision_hidden: int = 128
+    vision_heads: int = 4
+    # perception teacher
+    teacher: TeacherTrainConfig = field(default_factory=lambda: TeacherTrainConfig(steps=120, batch_size=32))
+    # vision-tower pretraining (dense per-token labels) and stage 0 (reading cells by address)
+    vision_steps: int = 100
+    vision_lr: float = 2e-3
+    stage0_batch_size: int = 32
+    stage0_steps: int = 450
+    stage0_lr: float = 1e-3
+    # CoT training (optimizer steps; stages 1 and 2 use the same batch size)
+    batch_size: int = 16
+    stage1_steps: int = 500
+    stage1_lr: float = 1e-3
+    stage2_steps: int = 150
+    stage2_lr: float = 3e-4
+    projector_lr: float = 1e-3
+    warmup_ratio: float = 0.05
+    num_workers: int = 1
+    # VaLR
+    k: int = 4
+    align_layer: int = 2
+    lambda_align: float = 0.5
+    train_mode: str = "fast"
+    projector_width: int = 256
+    valr_m: bool = False
+    data_fraction: float = 0.25  # 0: skip the data-fraction runs
+    # evaluation
+    eval_batch_size: int = 50
+    max_new_tokens: int = 140
+    test_ks: tuple[int, ...] = (1, 4, 9, 16)
+    eval_limit: int | None = None  # None: the whole split
+    eval_split: str = "test"  # "val" for development runs (nothing is tuned on the test split)
+
+    @classmethod
+    def for_mode(cls, quick: bool, seed: int) -> DemoConfig:
+        if not quick:
+            return cls(seed=seed)
+        return cls(seed=seed, quick=True, n_train=48, n_val=8, n_test=16, n_max=3, hidden=64, heads=4, kv_heads=2,
+                   intermediate=128, vision_hidden=32, vision_heads=2,
+                   teacher=TeacherTrainConfig(hidden=32, layers=1, heads=2, steps=8, batch_size=16),
+                   vision_steps=4, stage0_batch_size=8, stage0_steps=4, batch_size=8, stage1_steps=4,
+                   stage2_steps=3, num_workers=0, projector_width=32, valr_m=True, eval_batch_size=16,
+                   max_new_tokens=40, test_ks=(1, 4))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["test_ks"] = list(self.test_ks)
+        return d
+
+
+# ------------------------------------------------------------------------------------------------- stages
+
+
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _log(msg: str) -> None:
+    print(f"[valr demo] {msg}", file=sys.stderr, flush=True)
+
+
+class Stages:
+    """Runs named stages once: ``OUT/<name>/done.json`` holds (fingerprint, result, seconds).
+
+    A stage directory whose ``key.json`` names other settings is deleted before the stage reruns; one with the
+    same settings but no ``done.json`` (an interrupted run) is kept, so a training stage resumes there.
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.seconds: dict[str, float] = {}
+        self.reused: list[str] = []
+        self.fps: dict[str, str] = {}
+
+    def run(self, name: str, key: dict[str, Any], fn) -> Any:
+        d = self.root / name
+        fp = _fingerprint({"format": FORMAT, "key": key})
+        self.fps[name] = fp
+        marker = d / "done.json"
+        if marker.is_file():
+            done = json.loads(marker.read_text())
+            if done.get("fingerprint") == fp:
+                self.seconds[name] = done["seconds"]
+                self.reused.append(name)
+                _log(f"{name}: reusing the finished stage ({done['seconds']:.0f} s when it ran)")
+                return done["result"]
+        key_file = d / "key.json"
+        if d.exists() and (not key_file.is_file() or json.loads(key_file.read_text()).get("fingerprint") != fp):
+            shutil.rmtree(d)
+        d.mkdir(parents=True, exist_ok=True)
+        key_file.write_text(json.dumps({"fingerprint": fp, "key": key}, indent=2, default=str))
+        _log(f"{name}: running")
+        t0 = time.perf_counter()
+        result = fn(d)
+        secs = time.perf_counter() - t0
+        self.seconds[name] = secs
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"fingerprint": fp, "seconds": secs, "result": result}, indent=2, default=str))
+        tmp.replace(marker)
+        _log(f"{name}: done in {secs:.0f} s")
+        return result
+
+
+# -------------------------------------------------------------------------------------------- data helpers
+
+
+def shade_views(world_dir: Path, shade: int, tint: int) -> int:
+    """Give each view its own background shade (green channel + view * shade) in place; returns images changed.
+
+    A demo aid like the world's own ``cell_tint``: it makes *which view* a visual token belongs to visible in the
+    token's pixels. Without it a tiny rope decoder must tell four identical-looking image runs apart by absolute
+    position, which it does not learn in the demo's budget (measured: reading cells by address stayed at the
+    blind loss for 1000 steps). Only background pixels change (objects and grid lines keep their colours, labels
+    are untouched); idempotent, because shaded backgrounds no longer match the unshaded colour.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from valr.synth.world import BACKGROUND_RGB
+
+    if shade <= 0:
+        return 0
+    changed = 0
+    for p in sorted((world_dir / "images").rglob("*_v*.png")):
+        v = int(p.stem.rsplit("_v", 1)[1])
+        if v == 0:
+            continue
+        with Image.open(p) as im:
+            a = np.asarray(im.convert("RGB")).copy()
+        cell = a.shape[0] // 4 if a.shape[0] % 4 == 0 else a.shape[0]
+        r = np.arange(a.shape[0])[:, None] // cell
+        c = np.arange(a.shape[1])[None, :] // cell
+        bg = ((a[..., 0] == BACKGROUND_RGB[0] + r * tint) & (a[..., 1] == BACKGROUND_RGB[1])
+              & (a[..., 2] == BACKGROUND_RGB[2] + c * tint))
+        if bg.any():
+            a[..., 1][bg] = BACKGROUND_RGB[1] + shade * v
+            Image.fromarray(a).save(p, format="PNG", compress_level=6)
+            changed += 1
+    return changed
+
+
+def read_records(world_dir: Path, out_file: Path, seed: int, per_scene: int = 4, cells: int = 4) -> int:
+    """Stage-0 records: read given cells. Per training scene, ``per_scene`` records alternate between one view
+    ("read row 2 col 3, ..." -> "row 2 col 3: large red cube") and all views ("read view 3 row 2 col 3, ..." ->
+    "view 3 row 2 col 3: large red cube", the CoT's lookup-step format). Training scenes only."""
+    import numpy as np
+
+    from valr.data.records import Record, Step, StepTarget, load_records, write_records
+    from valr.synth.dataset import load_labels, scene_from_labels
+    from valr.synth.questions import lookup_text
+
+    labels = load_labels(world_dir)
+    scenes: dict[tuple[str, ...], Record] = {}
+    for rec in load_records(world_dir / "train.jsonl"):
+        scenes.setdefault(tuple(str(p) for p in rec.images), rec)
+    rng = np.random.default_rng([seed, 17])
+    out = []
+    for rec in scenes.values():
+        scene = scene_from_labels(labels, rec, world_dir)
+        for j in range(per_scene):
+            if j % 2 == 0:  # one view
+                v = int(rng.integers(scene.n_views))
+                occ = scene.cells(v)
+                pick = [occ[i] for i in rng.permutation(len(occ))[:cells]]
+                q = "read " + ", ".join(f"row {r + 1} col {c + 1}" for r, c in pick) + "."
+                steps = tuple(Step(lookup_text(scene, (v, r, c)).split(" ", 2)[2], StepTarget(image_index=0))
+                              for r, c in pick)
+                images = (rec.images[v],)
+            else:  # all views, addressed by view
+                occ = [(v, r, c) for v in range(scene.n_views) for r, c in scene.cells(v)]
+                pick = [occ[i] for i in rng.permutation(len(occ))[:cells]]
+                q = "read " + ", ".join(f"view {v + 1} row {r + 1} col {c + 1}" for v, r, c in pick) + "."
+                steps = tuple(Step(lookup_text(scene, p), StepTarget(image_index=p[0])) for p in pick)
+                images = rec.images
+            out.append(Record(id=f"read-{rec.meta['scene']}-{j}", question=q, steps=steps, answer=str(len(pick)),
+                              images=images, meta={"family": "read", "n_steps": len(steps)}))
+    order = rng.permutation(len(out))
+    write_records([out[i] for i in order], out_file)
+    return len(out)
+
+
+def pretrain_vision(model_dir: Path, world_dir: Path, out: Path, steps: int, batch_size: int, lr: float, seed: int,
+                    progress: bool = True) -> dict[str, Any]:
+    """Pretrain the MLLM's own vision tower (merger included) with dense per-token labels, like the perception
+    teacher: each merged visual token (one per cell) predicts presence, shape, colour, size, row, column and
+    view through linear heads that are then dropped. Stands in for the pretrained ViT every real MLLM starts
+    from; the language model is untouched. Returns per-label training accuracy of the last steps."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+    from tqdm import tqdm
+
+    from valr.checkpoint import load_checkpoint, save_checkpoint
+    from valr.synth.dataset import load_labels
+
+    loaded = load_checkpoint(model_dir)
+    bb = loaded.backbone
+    labels = load_labels(world_dir)
+    rows = np.nonzero(labels["split"] == "train")[0]
+    paths = [world_dir / str(labels["paths"][i]) for i in rows]
+    images = []
+    for pth in paths:
+        with Image.open(pth) as im:
+            images.append(im.convert("RGB"))
+    g = labels["present"].shape[-1]
+    ys = {k: torch.from_numpy(labels[k][rows].astype(np.int64)).flatten(1) for k in ("present", "shape", "colour",
+                                                                                   "size")}
+    views = torch.tensor([int(Path(p).stem.rsplit("_v", 1)[1]) for p in paths])
+    n_views = int(views.max()) + 1
+    cell = torch.arange(g * g)
+    classes = {"present": 2, "shape": 5, "colour": 6, "size": 2, "row": g, "col": g, "view": n_views}
+    torch.manual_seed(seed)
+    heads = torch.nn.ModuleDict({k: torch.nn.Linear(bb.hidden_size, n) for k, n in classes.items()})
+    tower = loaded.model.model.visual
+    params = list(tower.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(seed)
+    tower.train()
+    accs: dict[str, list[float]] = defaultdict(list)
+    bar = tqdm(range(steps), desc="vision", unit="step", disable=not progress, dynamic_ncols=True)
+    for _ in bar:
+        idx = torch.randint(len(images), (batch_size,), generator=gen)
+        feats = bb.image_features(bb.image_inputs([images[i] for i in idx]))
+        feats = feats.view(batch_size, -1, bb.hidden_size)
+        if feats.shape[1] != g * g:
+            raise ValueError(f"the vision tower gives {feats.shape[1]} tokens per image, the world has {g * g} cells")
+        logits = {k: h(feats).flatten(0, 1) for k, h in heads.items()}
+        target = {k: v[idx].flatten() for k, v in ys.items()}
+        target.update(row=(cell // g).repeat(batch_size), col=(cell % g).repeat(batch_size),
+                      view=views[idx].repeat_interleave(g * g))
+        occ = target["present"] == 1
+        loss = sum(F.cross_entropy(logits[k][occ] if k in ("shape", "colour", "size") else logits[k],
+                                   target[k][occ] if k in ("shape", "colour", "size") else target[k])
+                   for k in classes)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for k in classes:
+                m = occ if k in ("shape", "colour", "size") else torch.ones_like(occ)
+                accs[k].append(float((logits[k].argmax(-1)[m] == target[k][m]).float().mean()))
+        bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+    tower.eval()
+    save_checkpoint(out, loaded.model, loaded.tokenizer, loaded.image_processor, loaded.config)
+    tail = max(1, min(10, steps))
+    return {"checkpoint": str(out), "steps": steps, "final_loss": float(loss.detach()),
+            "train_accuracy_last_steps": {k: sum(v[-tail:]) / len(v[-tail:]) for k, v in accs.items()}}
+
+
+def _subset(src: Path, dst: Path, n: int) -> Path:
+    lines = [x for x in src.read_text().splitlines() if x.strip()][:n]
+    # keep image paths valid: records are resolved against their file's directory
+    if src.parent.resolve() != dst.parent.resolve():
+        raise ValueError("subset files must live next to their source")
+    dst.write_text("".join(x + "\n" for x in lines))
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def _train(cfg: DemoConfig, out: Path, *, model: Path, data: Path, stage: int, steps: int, lr: float,
+           lr_vision: float = 0.0, lambda_align: float = 0.0, teachers: list | None = None,
+           data_fraction: float = 1.0, val_data: Path | None = None, progress: bool = True,
+           batch_size: int | None = None) -> dict[str, Any]:
+    """One ``valr.trainer.train`` call; returns the final checkpoint path and a summary of its history."""
+    import torch
+
+    from valr.config import ValrConfig
+    from valr.trainer import TrainConfig, train
+
+    vcfg = ValrConfig(k=cfg.k, align_layer=cfg.align_layer, lambda_align=lambda_align,
+                      projector_width=cfg.projector_width, teachers=list(teachers or []),
+                      train_mode=cfg.train_mode,
+                      feature_cache=str(out / "features") if teachers else None)
+    tcfg = TrainConfig(model=str(model), train_data=str(data), val_data=str(val_data) if val_data else None,
+                       output_dir=str(out / "run"), stage=stage, max_steps=steps,
+                       per_device_batch_size=batch_size or cfg.batch_size, grad_accum=1, lr_llm=lr,
+                       lr_projector=cfg.projector_lr,
+                       lr_vision=lr_vision, weight_decay=0.01, warmup_ratio=cfg.warmup_ratio, scheduler="cosine",
+                       max_grad_norm=1.0, save_every=max(50, steps // 4), keep_last=1, log_every=10,
+                       seed=cfg.seed, data_fraction=data_fraction, num_workers=cfg.num_workers, preflight="quick",
+                       tensorboard=False, progress=progress, valr=vcfg)
+    torch.manual_seed(cfg.seed)
+    final = train(tcfg, resume=True)
+    return {"checkpoint": str(final), **_history_summary(out / "run")}
+
+
+def _history_summary(run_dir: Path) -> dict[str, Any]:
+    rows = []
+    hist = run_dir / "history.jsonl"
+    if hist.is_file():
+        rows = [json.loads(x) for x in hist.read_text().splitlines() if x.strip()]
+    out: dict[str, Any] = {"steps": len(rows)}
+    if rows:
+        w = max(1, min(20, len(rows) // 5))
+        for key in ("loss", "ce", "align", "latent_norm"):
+            vals = [r[key] for r in rows if key in r and r[key] is not None and math.isfinite(r[key])]
+            if vals and (key in ("loss", "ce") or any(v > 0 for v in vals)):  # stage 1 logs zeros there
+                out[f"{key}_first"] = sum(vals[:w]) / len(vals[:w])
+                out[f"{key}_last"] = sum(vals[-w:]) / len(vals[-w:])
+        out["train_seconds"] = sum(r.get("time_s", 0.0) for r in rows)
+        out["curve"] = {k: [round(sum(r[k] for r in rows[i:i + w]) / len(rows[i:i + w]), 5)
+                            for i in range(0, len(rows), w)]
+                        for k in ("ce", "align") if all(k in r for r in rows) and any(r[k] > 0 for r in rows)}
+    ev = run_dir / "eval.jsonl"
+    if ev.is_file():
+        lines = [json.loads(x) for x in ev.read_text().splitlines() if x.strip()]
+        if lines:
+            out["val"] = lines[-1]
+    return out
+
+
+def build_base(cfg: DemoConfig, world_dir: Path, out: Path) -> Path:
+    """A random tiny Qwen2.5-VL with the world's tokenizer (plus latent tokens), as a valr checkpoint."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    from valr.checkpoint import save_checkpoint
+    from valr.config import ValrConfig
+    from valr.tiny import TinyShape, tiny_config, tiny_image_processor
+    from valr.tokens import add_latent_tokens
+
+    tok = AutoTokenizer.from_pretrained(world_dir / "tokenizer")
+    add_latent_tokens(tok)
+    shape = TinyShape(hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, kv_heads=cfg.kv_heads,
+                      intermediate=cfg.intermediate, vision_depth=cfg.vision_depth, vision_hidden=cfg.vision_hidden,
+                      vision_heads=cfg.vision_heads, max_positions=2048)
+    torch.manual_seed(cfg.seed)
+    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tok, shape))
+    vcfg = ValrConfig(k=cfg.k, align_layer=cfg.align_layer, lambda_align=cfg.lambda_align,
+                      projector_width=cfg.projector_width, train_mode=cfg.train_mode)
+    return save_checkpoint(out, model, tok, tiny_image_processor(112), vcfg)
+
+
+# -------------------------------------------------------------------------------------------- evaluation
+
+_LATENT_MARKUP = re.compile(r"<latent>\[\d+ latent positions\]</latent>|<latent>|</latent>")
+
+
+def _run_eval(cfg: DemoConfig, ckpt: str, test_file: Path, out: Path, policy: str, k: int) -> None:
+    from valr.eval.run import run_main
+
+    argv = ["--model", ckpt, "--benchmark", "records", "--data", str(test_file), "--out", str(out),
+            "--latent-policy", policy, "--k", str(k), "--batch-size", str(cfg.eval_batch_size),
+            "--max-new-tokens", str(cfg.max_new_tokens), "--force-new"]
+    if cfg.eval_limit is not None:
+        argv += ["--limit", str(cfg.eval_limit)]
+    rc = run_main(argv)
+    if rc != 0:
+        raise RuntimeError(f"valr eval run failed (exit {rc}) for {ckpt}; see the messages above")
+
+
+def score_predictions(test_file: Path, pred_file: Path, limit: int | None = None) -> dict[str, Any]:
+    """Accuracy overall, by N, by family; per-step accuracy by step position; (length, score) pairs."""
+    from valr.data import load_records
+    from valr.eval.benchmarks import load_records_benchmark
+    from valr.eval.predictions import Prediction
+    from valr.eval.scoring import item_scores
+
+    items = load_records_benchmark(test_file, load_media=False)
+    records = {r.id: r for r in load_records(test_file)}
+    if limit is not None:
+        items = items[:limit]
+    lines = {}
+    for x in pred_file.read_text().splitlines():
+        if x.strip():
+            o = json.loads(x)
+            lines[str(o["id"])] = o
+    preds = {rid: Prediction(rid, str(o["prediction"]), o.get("raw"), 0,
+                             {k: v for k, v in o.items() if k not in ("id", "prediction", "raw")})
+             for rid, o in lines.items()}
+    scores = item_scores("records", items, preds)
+    by_n: dict[int, list[float]] = defaultdict(list)
+    by_family: dict[str, list[float]] = defaultdict(list)
+    step_right: dict[int, list[float]] = defaultdict(list)  # position -> [step i right | steps < i right]
+    step_any: dict[int, list[float]] = defaultdict(list)  # position -> [step i right] (unconditional)
+    pairs_tokens, pairs_positions, segs = [], [], []
+    per_item = []
+    for it, s in zip(items, scores, strict=True):
+        n = int(it.meta["n_steps"])
+        by_n[n].append(s.score)
+        by_family[str(it.meta["family"])].append(s.score)
+        o = lines.get(it.id, {})
+        text = _LATENT_MARKUP.sub("", o.get("raw", "") or "")
+        said = [x.strip() for x in text.split("\n") if x.strip() and not x.strip().startswith("Answer")]
+        gold = [st.text.strip() for st in records[it.id].steps]
+        ok_prefix = True
+        for i, g in enumerate(gold, start=1):
+            right = float(i <= len(said) and said[i - 1] == g)
+            step_any[i].append(right)
+            if ok_prefix:
+                step_right[i].append(right)
+                ok_prefix = right == 1.0
+        if "generated_tokens" in o:
+            pairs_tokens.append((float(o["generated_tokens"]), s.score))
+            pairs_positions.append((float(o["generated_positions"]), s.score))
+            segs.append((n, o.get("latent_segments", 0)))
+        per_item.append({"id": it.id, "n": n, "score": s.score})
+
+    def mean(v):
+        return sum(v) / len(v) if v else None
+
+    return {
+        "accuracy": mean([s.score for s in scores]),
+        "n": len(scores),
+        "accuracy_by_n": {str(n): mean(v) for n, v in sorted(by_n.items())},
+        "count_by_n": {str(n): len(v) for n, v in sorted(by_n.items())},
+        "accuracy_by_family": {f: mean(v) for f, v in sorted(by_family.items())},
+        "step_accuracy_by_position": {str(i): mean(v) for i, v in sorted(step_right.items())},
+        "step_accuracy_unconditional": {str(i): mean(v) for i, v in sorted(step_any.items())},
+        "mean_generated_tokens": mean([x for x, _ in pairs_tokens]),
+        "mean_generated_positions": mean([x for x, _ in pairs_positions]),
+        "latent_segments_per_step": (sum(s for _, s in segs) / max(1, sum(n for n, _ in segs))) if segs else None,
+        "_pairs_tokens": pairs_tokens,
+        "_pairs_positions": pairs_positions,
+    }
+
+
+def _long_chain_accuracy(m: dict[str, Any]) -> float | None:
+    num = sum(m["accuracy_by_n"][str(n)] * m["count_by_n"][str(n)] for n in TARGET_NS if str(n) in m["accuracy_by_n"])
+    den = sum(m["count_by_n"][str(n)] for n in TARGET_NS if str(n) in m["count_by_n"])
+    return num / den if den else None
+
+
+def check_targets(variants: dict[str, dict[str, Any]], n_hi: int = 8) -> dict[str, Any]:
+    """The issue's four targets, computed from one run's (or the seed-mean) accuracies. None = not measurable."""
+    out: dict[str, Any] = {}
+    sft, va, no = variants.get("sft"), variants.get("valr_s"), variants.get("latent_no_align")
+    if sft and va:
+        a, b = va.get("accuracy_long", _long_chain_accuracy(va) if "count_by_n" in va else None), \
+            sft.get("accuracy_long", _long_chain_accuracy(sft) if "count_by_n" in sft else None)
+        if a is not None and b is not None:
+            out["valr_s_beats_sft_by_5pts_on_long"] = {"valr_s": a, "sft": b, "gap": a - b, "met": a - b >= 0.05,
+                                                       "ns": list(TARGET_NS)}
+
+        def ratio(m):
+            lo, hi = m["accuracy_by_n"].get("1"), m["accuracy_by_n"].get(str(n_hi))
+            return hi / lo if lo else None
+
+        ra, rb = ratio(va), ratio(sft)
+        if ra is not None and rb is not None:
+            out["valr_s_falls_less_with_n"] = {"valr_s_ratio": ra, "sft_ratio": rb, "difference": ra - rb,
+                                               "met": ra - rb >= 0.15, "ratio": f"acc(N={n_hi})/acc(N=1)"}
+    if sft and no:
+        d = no["accuracy"] - sft["accuracy"]
+        out["no_align_within_2pts_of_sft"] = {"latent_no_align": no["accuracy"], "sft": sft["accuracy"],
+                                              "difference": d, "met": abs(d) <= 0.02}
+    frac = (va or {}).get("data_fraction", {})
+    small = [v for k, v in frac.items() if float(k) < 1.0]
+    if sft and small:
+        key = min(frac, key=float)
+        a = frac[key]["accuracy"]
+        out["valr_s_small_data_matches_sft_full"] = {"fraction": float(key), "valr_s": a, "sft": sft["accuracy"],
+                                                     "difference": a - sft["accuracy"],
+                                                     "met": a >= sft["accuracy"]}
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- plots
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_all(results: dict[str, Any], fig_dir: Path, length_report: dict[str, Any] | None,
+             errors: dict[str, Any] | None = None) -> list[str]:
+    """The four figures of the issue plus the per-step accuracy curve; returns the written file names."""
+    plt = _plt()
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    variants = results["variants"]
+    names = [v for v in VARIANTS if v in variants]
+    extra = {}
+    frac = variants.get("valr_s", {}).get("data_fraction", {})
+    for key, m in frac.items():
+        if float(key) < 1.0:
+            extra[f"valr_s ({float(key):.0%} data)"] = m
+    err = errors or {}
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(fig_dir / name, dpi=100)
+        plt.close(fig)
+        written.append(name)
+
+    # 1. accuracy per variant
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    labels = names + list(extra)
+    vals = [100 * variants[n]["accuracy"] for n in names] + [100 * m["accuracy"] for m in extra.values()]
+    yerr = [100 * err.get(n, {}).get("accuracy", 0.0) for n in names] + [0.0] * len(extra)
+    ax.bar(range(len(labels)), vals, yerr=yerr if any(yerr) else None, capsize=3,
+           color=["#999999", "#d98c3f", "#2e8b57", "#1f5f8b", "#7fbf9f"][:len(labels)])
+    for i, v in enumerate(vals):
+        ax.text(i, v + 1, f"{v:.1f}", ha="center", fontsize=8)
+    ax.set_xticks(range(len(labels)), labels, rotation=15, fontsize=8)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(results.get("title", "accuracy per variant"), fontsize=9)
+    save(fig, "accuracy_per_variant.png")
+
+    # 2. accuracy by N
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for n in names + list(extra):
+        m = variants.get(n) or extra[n]
+        xs = sorted(int(k) for k in m["accuracy_by_n"])
+        ys = [100 * m["accuracy_by_n"][str(x)] for x in xs]
+        e = err.get(n, {}).get("accuracy_by_n")
+        if e:
+            ax.errorbar(xs, ys, yerr=[100 * e.get(str(x), 0) for x in xs], marker="o", capsize=2, label=n)
+        else:
+            ax.plot(xs, ys, marker="o", label=n, linestyle="--" if n in extra else "-")
+    ax.set_xlabel("chain length N (reasoning steps)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("accuracy by chain length (dilution curve)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save(fig, "accuracy_by_n.png")
+
+    # 3. accuracy by generated length
+    if length_report:
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for n, res in length_report["models"].items():
+            pts = [((b["lo"] + b["hi"]) / 2, 100 * b["accuracy"]) for b in res["buckets"] if b["n"] >= 5]
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(xs, ys, marker="o", label=n)
+        ax.set_xlabel("generated length (text tokens, markers included; buckets with >= 5 items)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title("accuracy by generated length (paper Fig. 2 analysis)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        save(fig, "accuracy_by_length.png")
+
+    # 4. accuracy vs test-time K
+    by_k = variants.get("valr_s", {}).get("accuracy_by_k")
+    if by_k:
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        xs = sorted(int(k) for k in by_k)
+        ys = [100 * by_k[str(x)] for x in xs]
+        e = err.get("valr_s", {}).get("accuracy_by_k")
+        ax.errorbar(xs, ys, yerr=[100 * e.get(str(x), 0) for x in xs] if e else None, marker="o", capsize=2,
+                    color="#2e8b57", label="valr_s")
+        if "sft" in variants:
+            ax.axhline(100 * variants["sft"]["accuracy"], color="#999999", linestyle=":", label="sft")
+        ax.axvline(results["config"]["k"], color="#cccccc", linestyle="--", label="training K")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_xlabel("latent positions per segment at test time (K)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title("VaLR-S: accuracy vs test-time K", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        save(fig, "accuracy_by_k.png")
+
+    # 5. per-step accuracy by step position (given the earlier steps right)
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for n in names:
+        m = variants[n].get("step_accuracy_by_position")
+        if m:
+            xs = sorted(int(k) for k in m)
+            ax.plot(xs, [100 * m[str(x)] for x in xs], marker="o", label=n)
+    ax.set_xlabel("step position i")
+    ax.set_ylabel("step i exactly right | steps < i right (%)")
+    ax.set_title("per-step lookup accuracy by position", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save(fig, "step_accuracy_by_position.png")
+    return written
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def write_report(results: dict[str, Any], path: Path, fig_names: list[str]) -> None:
+    v = results["variants"]
+    names = [n for n in VARIANTS if n in v]
+    ns = sorted({int(k) for n in names for k in v[n]["accuracy_by_n"]})
+    quick_note = ", QUICK smoke run: no accuracy claims" if results["quick"] else ""
+    lines = [f"# valr demo report (seed {results['seed']}{quick_note})",
+             "", f"Machine: {results['machine']}.  Total {results['total_seconds']:.0f} s.", "",
+             "## Accuracy on the test split (%)", "",
+             "| variant | overall | " + " | ".join(f"N={n}" for n in ns) + " | N>=6 |",
+             "|---|---|" + "---|" * len(ns) + "---|"]
+    for n in names:
+        m = v[n]
+        lines.append(f"| {n} | {_pct(m['accuracy'])} | " + " | ".join(_pct(m['accuracy_by_n'].get(str(x))) for x in ns)
+                     + f" | {_pct(m.get('accuracy_long'))} |")
+    for key, m in v.get("valr_s", {}).get("data_fraction", {}).items():
+        if float(key) < 1.0:
+            lines.append(f"| valr_s ({float(key):.0%} data) | {_pct(m['accuracy'])} | "
+                         + " | ".join(_pct(m['accuracy_by_n'].get(str(x))) for x in ns)
+                         + f" | {_pct(m.get('accuracy_long'))} |")
+    by_k = v.get("valr_s", {}).get("accuracy_by_k")
+    if by_k:
+        lines += ["", "VaLR-S accuracy by test-time K: " + ", ".join(f"K={k}: {_pct(a)}" for k, a in by_k.items())]
+    lines += ["", "## Targets", ""]
+    for name, t in results.get("targets", {}).items():
+        shown = {k: (round(x, 4) if isinstance(x, float) else x) for k, x in t.items()}
+        lines.append(f"- {name}: {'MET' if t.get('met') else 'not met'} {json.dumps(shown)}")
+    lines += ["", "## Training", "", "| stage | steps | ce first -> last | align first -> last | seconds |",
+              "|---|---|---|---|---|"]
+    for name, t in results.get("training", {}).items():
+        ce = f"{t.get('ce_first', float('nan')):.3f} -> {t.get('ce_last', float('nan')):.3f}"
+        al = (f"{t['align_first']:.3f} -> {t['align_last']:.3f}" if t.get("align_last") else "-")
+        lines.append(f"| {name} | {t.get('steps')} | {ce} | {al} | {results['stage_seconds'].get(name, 0):.0f} |")
+    lines += ["", "Stage seconds: " + ", ".join(f"{k} {s:.0f}" for k, s in results["stage_seconds"].items()), ""]
+    for f in fig_names:
+        lines.append(f"![{f}](figures/{f})")
+    path.write_text("\n".join(lines) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------- main
+
+
+def _machine() -> str:
+    import torch
+
+    return (f"{platform.machine()} {os.cpu_count()} CPU(s), torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), python {platform.python_version()}")
+
+
+def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfig | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the whole demo into ``out``; returns the results object (also ``out/results.json``)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cfg = cfg or DemoConfig.for_mode(quick, seed)
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    st = Stages(out)
+    t_start = time.perf_counter()
+    c = cfg
+
+    # 1. world
+    world_key = {k: getattr(c, k) for k in ("seed", "n_train", "n_val", "n_test", "n_min", "n_max", "n_views",
+                                            "cell_tint", "view_shade")}
+
+    def do_world(d: Path):
+        from valr.synth.dataset import make_world_dataset
+        from valr.synth.world import WorldConfig
+
+        m = make_world_dataset(d, seed=c.seed, n_train=c.n_train, n_val=c.n_val, n_test=c.n_test,
+                               n_range=(c.n_min, c.n_max), n_views=c.n_views,
+                               world=WorldConfig(cell_tint=c.cell_tint))
+        shaded = shade_views(d, c.view_shade, c.cell_tint)
+        n_read = read_records(d, d / "read.jsonl", c.seed)
+        _subset(d / "val.jsonl", d / "val_small.jsonl", min(c.n_val, 64))
+        return {**{k: m[k] for k in ("n_scenes", "n_distribution", "tokenizer_vocab_size", "avg_tokens_per_step",
+                                     "n_images")}, "n_shaded_images": shaded, "n_read_records": n_read}
+
+    world = st.run("world", world_key, do_world)
+    wdir = out / "world"
+
+    # 2. perception teacher
+    teacher_key = {"world": st.fps["world"], "teacher": c.teacher.to_dict()}
+
+    def do_teacher(d: Path):
+        from valr.synth.teacher import train_perception_teacher
+
+        return train_perception_teacher(wdir, d, dataclasses.replace(c.teacher, seed=c.seed), progress=progress)
+
+    teacher = st.run("teacher", teacher_key, do_teacher)
+    from valr.synth.teacher import teacher_spec
+
+    percept = teacher_spec(out / "teacher", image_size=112)
+
+    model_key = {k: getattr(c, k) for k in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vision_depth",
+                                            "vision_hidden", "vision_heads", "k", "align_layer", "batch_size",
+                                            "warmup_ratio", "train_mode", "projector_width")}
+
+    # 3. stage 0: perception pretraining of the MLLM: the vision tower on dense labels, then reading cells
+    def do_vision(d: Path):
+        base = build_base(c, wdir, d / "base")
+        res = pretrain_vision(base, wdir, d / "model", c.vision_steps, c.stage0_batch_size, c.vision_lr, c.seed,
+                              progress)
+        shutil.rmtree(base)
+        return res
+
+    training: dict[str, Any] = {}
+    vision = st.run("vision", {"world": st.fps["world"], "model": model_key, "steps": c.vision_steps,
+                               "lr": c.vision_lr, "batch": c.stage0_batch_size}, do_vision)
+
+    def do_stage0(d: Path):
+        return _train(c, d, model=Path(vision["checkpoint"]), data=wdir / "read.jsonl", stage=1,
+                      steps=c.stage0_steps, lr=c.stage0_lr, batch_size=c.stage0_batch_size, progress=progress)
+
+    training["stage0"] = st.run("stage0", {"up": st.fps["vision"], "steps": c.stage0_steps, "lr": c.stage0_lr,
+                                           "batch": c.stage0_batch_size}, do_stage0)
+
+    def stage1(name: str, fraction: float):
+        def fn(d: Path):
+            return _train(c, d, model=Path(training["stage0"]["checkpoint"]), data=wdir / "train.jsonl", stage=1,
+                          steps=c.stage1_steps, lr=c.stage1_lr, data_fraction=fraction, progress=progress)
+        training[name] = st.run(name, {"up": st.fps["stage0"], "steps": c.stage1_steps, "lr": c.stage1_lr,
+                                       "fraction": fraction}, fn)
+
+    # 4. stage 1 (CoT SFT)
+    stage1("stage1", 1.0)
+
+    # 5. variants
+    def variant(name: str, up: str, stage: int, lam: float, teachers: list, fraction: float = 1.0):
+        def fn(d: Path):
+            return _train(c, d, model=Path(training[up]["checkpoint"]), data=wdir / "train.jsonl", stage=stage,
+                          steps=c.stage2_steps, lr=c.stage2_lr, lambda_align=lam, teachers=teachers,
+                          data_fraction=fraction, val_data=wdir / "val_small.jsonl" if stage == 2 else None,
+                          progress=progress)
+        key = {"up": st.fps[up], "stage": stage, "lambda": lam, "teachers": [dataclasses.asdict(t) for t in teachers],
+               "steps": c.stage2_steps, "lr": c.stage2_lr, "projector_lr": c.projector_lr, "fraction": fraction,
+               "teacher_fp": st.fps["teacher"] if teachers else None}
+        training[name] = st.run(name, key, fn)
+
+    from valr.teachers import TeacherSpec
+
+    variant("sft", "stage1", 1, 0.0, [])
+    variant("latent_no_align", "stage1", 2, 0.0, [])
+    variant("valr_s", "stage1", 2, c.lambda_align, [percept])
+    if c.valr_m:
+        variant("valr_m", "stage1", 2, c.lambda_align, [percept, TeacherSpec(name="qe", kind="self")])
+    frac_name = None
+    if c.data_fraction and c.data_fraction < 1.0:
+        tag = f"f{round(100 * c.data_fraction)}"
+        stage1(f"stage1_{tag}", c.data_fraction)
+        frac_name = f"valr_s_{tag}"
+        variant(frac_name, f"stage1_{tag}", 2, c.lambda_align, [percept], c.data_fraction)
+
+    # 6. evaluation
+    test_file = wdir / f"{c.eval_split}.jsonl"
+    evals: dict[str, dict[str, Any]] = {}
+
+    def evaluate(label: str, train_name: str, policy: str, k: int):
+        def fn(d: Path):
+            _run_eval(c, training[train_name]["checkpoint"], test_file, d, policy, k)
+            m = score_predictions(test_file, d / "predictions.jsonl", c.eval_limit)
+            (d / "metrics.json").write_text(json.dumps(m))
+            return {"metrics_file": str(d / "metrics.json")}
+        key = {"up": st.fps[train_name], "policy": policy, "k": k, "limit": c.eval_limit,
+               "max_new_tokens": c.max_new_tokens, "split": c.eval_split, "test": st.fps["world"]}
+        res = st.run(f"eval/{label}", key, fn)
+        evals[label] = json.loads(Path(res["metrics_file"]).read_text())
+
+    evaluate("sft", "sft", "off", c.k)
+    for name in ("latent_no_align", "valr_s") + (("valr_m",) if c.valr_m else ()):
+        evaluate(name, name, "model", c.k)
+    if frac_name:
+        evaluate(frac_name, frac_name, "model", c.k)
+    for k in c.test_ks:
+        if k != c.k:
+            evaluate(f"valr_s_k{k}", "valr_s", "model", k)
+
+    # 7. results
+    def public(m: dict[str, Any]) -> dict[str, Any]:
+        p = {k: v for k, v in m.items() if not k.startswith("_")}
+        p["accuracy_long"] = _long_chain_accuracy(m)
+        return p
+
+    variants: dict[str, Any] = {}
+    for name in VARIANTS:
+        if name in evals:
+            variants[name] = public(evals[name])
+            variants[name]["training"] = {k: v for k, v in training[name].items() if k != "curve"}
+    if "valr_s" in variants:
+        by_k = {str(c.k): evals["valr_s"]["accuracy"]}
+        by_k.update({str(k): evals[f"valr_s_k{k}"]["accuracy"] for k in c.test_ks if k != c.k})
+        variants["valr_s"]["accuracy_by_k"] = {k: by_k[k] for k in sorted(by_k, key=int)}
+        variants["valr_s"]["data_fraction"] = {"1.0": {"accuracy": evals["valr_s"]["accuracy"],
+                                                       "accuracy_by_n": evals["valr_s"]["accuracy_by_n"]}}
+        if frac_name:
+            f = public(evals[frac_name])
+            variants["valr_s"]["data_fraction"][str(c.data_fraction)] = {
+                k: f[k] for k in ("accuracy", "accuracy_by_n", "count_by_n", "accuracy_long", "accuracy_by_family",
+                                  "step_accuracy_by_position")}
+    from valr.eval.length import length_report
+
+    series = {n: evals[n]["_pairs_tokens"] for n in VARIANTS if n in evals and evals[n]["_pairs_tokens"]}
+    lrep = length_report(series, n_buckets=8) if series else None
+    results: dict[str, Any] = {
+        "format": FORMAT,
+        "seed": c.seed,
+        "quick": c.quick,
+        "config": c.to_dict(),
+        "machine": _machine(),
+        "world": world,
+        "teacher": teacher,
+        "training": {k: {kk: vv for kk, vv in t.items() if kk != "checkpoint"} for k, t in training.items()},
+        "variants": variants,
+        "accuracy_by_length": lrep,
+        "stage_seconds": {k: round(s, 1) for k, s in st.seconds.items()},
+        "reused_stages": st.reused,
+        "total_seconds": round(sum(st.seconds.values()), 1),
+        "wall_seconds_this_run": round(time.perf_counter() - t_start, 1),
+        "n_test": variants.get("sft", {}).get("n"),
+    }
+    results["eval_split"] = c.eval_split
+    if c.quick:
+        results["note"] = "quick smoke run: toy sizes, the accuracies mean nothing"
+        results["targets"] = {}
+    else:
+        results["targets"] = check_targets(variants, n_hi=c.n_max)
+    figs = plot_all(results, out / "figures", lrep)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    write_report(results, out / "report.md", figs)
+    _log(f"wrote {out / 'results.json'}, {out / 'report.md'} and {len(figs)} figures under {out / 'figures'}")
+    return results
+
+
+# ------------------------------------------------------------------------------------------ several seeds
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    sd = (sum((x - m) ** 2 for x in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return m, sd
+
+
+def summarize(runs: dict[str, dict[str, Any]], command: str | None = None) -> dict[str, Any]:
+    """Several seeds' results -> {"runs", "means", "std", "targets" (on the means and per seed)}."""
+    seeds = sorted(runs, key=int)
+    means: dict[str, Any] = {}
+    stds: dict[str, Any] = {}
+    names = [n for n in VARIANTS if all(n in runs[s]["variants"] for s in seeds)]
+    for n in names:
+        ms: dict[str, Any] = {}
+        sd: dict[str, Any] = {}
+        vs = [runs[s]["variants"][n] for s in seeds]
+        for key in ("accuracy", "accuracy_long"):
+            vals = [v[key] for v in vs if v.get(key) is not None]
+            if len(vals) == len(vs):
+                ms[key], sd[key] = _mean_std(vals)
+        for key in ("accuracy_by_n", "accuracy_by_k", "step_accuracy_by_position", "accuracy_by_family"):
+            if all(key in v for v in vs):
+                common = [k for k in vs[0][key] if all(k in v[key] and v[key][k] is not None for v in vs)]
+                ms[key] = {k: _mean_std([v[key][k] for v in vs])[0] for k in common}
+                sd[key] = {k: _mean_std([v[key][k] for v in vs])[1] for k in common}
+        if n == "valr_s" and all("data_fraction" in v for v in vs):
+            fr = {}
+            for key in vs[0]["data_fraction"]:
+                if all(key in v["data_fraction"] for v in vs):
+                    fr[key] = {"accuracy": _mean_std([v["data_fraction"][key]["accuracy"] for v in vs])[0],
+                               "accuracy_by_n": {k: _mean_std([v["data_fraction"][key]["accuracy_by_n"][k]
+                                                               for v in vs])[0]
+                                                 for k in vs[0]["data_fraction"][key]["accuracy_by_n"]}}
+            ms["data_fraction"] = fr
+        means[n] = ms
+        stds[n] = sd
+    per_seed = {s: runs[s].get("targets", {}) for s in seeds}
+    return {
+        "command": command,
+        "seeds": [int(s) for s in seeds],
+        "runs": runs,
+        "means": means,
+        "std": stds,
+        "targets_on_means": check_targets(means, n_hi=runs[seeds[0]]["config"]["n_max"]),
+        "targets_per_seed": per_seed,
+        "stage_seconds_mean": {k: _mean_std([runs[s]["stage_seconds"].get(k, 0.0) for s in seeds])[0]
+                               for k in runs[seeds[0]]["stage_seconds"]},
+        "total_seconds": {s: runs[s]["total_seconds"] for s in seeds},
+    }
+
+
+def plot_summary(summary: dict[str, Any], fig_dir: Path) -> list[str]:
+    first = summary["runs"][str(summary["seeds"][0])]
+    results = {"variants": summary["means"], "config": first["config"],
+               "title": f"accuracy per variant, mean of seeds {summary['seeds']} (error bar: std over seeds)"}
+    lrep = None
+    # the length analysis pools the items of all seeds on shared bucket edges
+    from valr.eval.length import length_report
+
+    pooled: dict[str, list] = defaultdict(list)
+    for s in summary["seeds"]:
+        for n, pairs in summary["runs"][str(s)].get("_length_pairs", {}).items():
+            pooled[n] += pairs
+    if pooled:
+        lrep = length_report(pooled, n_buckets=8)
+    return plot_all(results, fig_dir, lrep, errors=summary["std"])
+
+
+def run_seeds(out: str | Path, seeds: list[int], quick: bool = False, summary_path: str | Path | None = None,
+              figures: str | Path | None = None, command: str | None = None) -> dict[str, Any]:
+    """Run the demo for each seed into ``out/seed-S`` (each cached on its own), then summarise."""
+    out = Path(out)
+    runs = {}
+    for s in seeds:
+        _log(f"=== seed {s} ===")
+        res = run_demo(out / f"seed-{s}", seed=s, quick=quick)
+        res["_length_pairs"] = _length_pairs(out / f"seed-{s}")
+        runs[str(s)] = res
+    summary = summarize(runs, command)
+    fig_dir = Path(figures) if figures else out / "figures"
+    summary["figures"] = plot_summary(summary, fig_dir)
+    for r in summary["runs"].values():
+        r.pop("_length_pairs", None)
+    text = json.dumps(summary, indent=2, default=str) + "\n"
+    (out / "summary.json").write_text(text)
+    if summary_path:
+        Path(summary_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(summary_path).write_text(text)
+    _log(f"summary of seeds {seeds}: {out / 'summary.json'}" + (f" and {summary_path}" if summary_path else ""))
+    return summary
+
+
+def _length_pairs(run_dir: Path) -> dict[str, list]:
+    pairs = {}
+    for n in VARIANTS:
+        f = run_dir / "eval" / n / "metrics.json"
+        if f.is_file():
+            pairs[n] = json.loads(f.read_text())["_pairs_tokens"]
+    return pairs
