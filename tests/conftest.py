@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Tiny models run fastest on one thread; two threads on a busy 2-core machine spin-wait on each other.
+# Tiny models run fastest on one thread; two threads on a busy 2-core machine spin-wait on each other. The resume
+# tests also rely on it: their killed runs are subprocesses with OMP_NUM_THREADS=1, so the arithmetic matches.
 torch.set_num_threads(1)
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from eval_fixtures import write_records_benchmark, write_tiny_checkpoint
 
 from valr.eval.run import run_main
+
+from eval_fixtures import write_records_benchmark, write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,6 @@ import io
 import json
 from pathlib import Path
 
-import av
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -26,6 +24,8 @@ from valr.eval.benchmarks import (
 )
 from valr.eval.video import FRAME_CACHE, VideoFrames
 
+from eval_fixtures import write_video
+
 POST = "Answer with the option's letter from the given choices directly."
 
 
@@ -33,21 +33,6 @@ def png_bytes(color: tuple[int, int, int], size: tuple[int, int] = (8, 6)) -> by
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def write_video(path: Path, n: int = 10, size: int = 32) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("mpeg4", rate=10)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for i in range(n):
-            arr = np.full((size, size, 3), 25 * i, np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
 
 
 # ------------------------------------------------------------------------------------------- VSI-Bench

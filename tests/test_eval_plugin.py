@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from eval_fixtures import write_records_benchmark, write_tiny_checkpoint
 from PIL import Image
 
 from valr.eval.lmms_plugin import ValrGeneration, apply_until
+
+from eval_fixtures import write_records_benchmark, write_tiny_checkpoint
 
 HAS_LMMS = importlib.util.find_spec("lmms_eval") is not None
 needs_lmms = pytest.mark.skipif(not HAS_LMMS, reason="lmms-eval is not installed (optional dependency)")

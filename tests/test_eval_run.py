@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from eval_fixtures import write_records_benchmark, write_tiny_checkpoint, write_vsibench
 
 from valr.cli import main
 from valr.eval.run import LINE_FIELDS, RunError, read_jsonl, run_main
+
+from eval_fixtures import write_records_benchmark, write_tiny_checkpoint, write_vsibench
 
 REPO = Path(__file__).resolve().parents[1]
 # force policy with K=2 so latent segments really occur; 12 tokens keeps every run well under a second

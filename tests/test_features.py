@@ -19,14 +19,6 @@ SMALL = TinyShape(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64, vis
                   vision_heads=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_features_precompute_resume_train_and_mismatch(tmp_path, capsys, monkeypatch):
     smoke = write_smoke_setup(tmp_path / "smoke", n_train=8, n_val=4, shape=SMALL)
     root = smoke["train"].parent

@@ -18,15 +18,6 @@ SMALL = TinyShape(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64, vis
                   vision_heads=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train much faster on one thread (and the CPU is shared); resume tests also need equal counts."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     return write_smoke_setup(tmp_path_factory.mktemp("smoke"), n_train=8, n_val=4, shape=SMALL)

@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -46,14 +45,6 @@ def _weights(final: Path) -> dict[str, torch.Tensor]:
     w = load_file(str(final / "model.safetensors"))
     w.update({f"proj.{k}": v for k, v in load_file(str(final / "projectors.safetensors")).items()})
     return w
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_two_process_ddp_matches_one_process_and_resumes_exactly(tmp_path):

@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -23,14 +22,6 @@ from valr.trainer import latest_checkpoint, load_train_config, train
 SMALL = TinyShape(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64, vision_depth=1, vision_hidden=16,
                   vision_heads=1)
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the killed run is a subprocess with OMP_NUM_THREADS=1: same arithmetic
-    yield
-    torch.set_num_threads(n)
 
 
 def _weights(final: Path) -> dict[str, torch.Tensor]:
