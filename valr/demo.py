@@ -425,6 +425,41 @@ def build_base(cfg: DemoConfig, world_dir: Path, out: Path) -> Path:
 
 # -------------------------------------------------------------------------------------------- evaluation
 
+
+def image_dependence(ckpt: str | Path, records_file: Path, k: int, latent: bool, layer: int, n: int = 64,
+                     batch: int = 16) -> dict[str, float]:
+    """Teacher-forced CE on ``n`` validation records with their own images and with every record's images
+    swapped for the next record's (same number of views). Equal losses mean the model ignores the images.
+    Latent variants run their own layout (latent segments, fast mode); SFT the plain CoT layout."""
+    import dataclasses as dc
+
+    import torch
+
+    from valr.checkpoint import load_checkpoint
+    from valr.data import LayoutConfig, load_records, make_batch
+    from valr.engine import forward_latent, forward_plain
+    from valr.tokens import LatentTokenIds
+
+    loaded = load_checkpoint(ckpt)
+    bb, tok = loaded.backbone, loaded.tokenizer
+    recs = load_records(records_file)[:n]
+    swapped = [dc.replace(r, images=recs[(i + 1) % len(recs)].images) for i, r in enumerate(recs)]
+    lat = LatentTokenIds.from_tokenizer(tok) if latent else None
+    layout = LayoutConfig(k=k if latent else 0)
+    out = {}
+    with torch.no_grad():
+        for name, rs in (("ce_own_images", recs), ("ce_swapped_images", swapped)):
+            tot, cnt = 0.0, 0
+            for i in range(0, len(rs), batch):
+                b = make_batch(rs[i:i + batch], tok, bb, layout, lat)
+                o = forward_latent(bb, b, layer, "fast") if latent else forward_plain(bb, b)
+                tot += float(o.loss_ce) * o.n_label_tokens
+                cnt += o.n_label_tokens
+            out[name] = tot / max(cnt, 1)
+    out["gap"] = out["ce_swapped_images"] - out["ce_own_images"]
+    return out
+
+
 _LATENT_MARKUP = re.compile(r"<latent>\[\d+ latent positions\]</latent>|<latent>|</latent>")
 
 
@@ -831,9 +866,13 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
         def fn(d: Path):
             _run_eval(c, training[train_name]["checkpoint"], test_file, d, policy, k)
             m = score_predictions(test_file, d / "predictions.jsonl", c.eval_limit)
+            if k == c.k:  # does the model use the images at all? (validation records, teacher forcing)
+                m["image_dependence"] = image_dependence(training[train_name]["checkpoint"],
+                                                         wdir / "val_small.jsonl", c.k, policy != "off",
+                                                         c.align_layer, n=min(64, c.n_val))
             (d / "metrics.json").write_text(json.dumps(m))
             return {"metrics_file": str(d / "metrics.json")}
-        key = {"up": st.fps[train_name], "policy": policy, "k": k, "limit": c.eval_limit,
+        key = {"up": st.fps[train_name], "policy": policy, "k": k, "limit": c.eval_limit, "diag": 1,
                "max_new_tokens": c.max_new_tokens, "split": c.eval_split, "test": st.fps["world"]}
         res = st.run(f"eval/{label}", key, fn)
         evals[label] = json.loads(Path(res["metrics_file"]).read_text())
