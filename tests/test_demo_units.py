@@ -157,3 +157,15 @@ def test_summarize_means_over_seeds():
     assert s["means"]["valr_s"]["data_fraction"]["0.25"]["accuracy"] == pytest.approx(0.5)
     assert "no_align_within_2pts_of_sft" in s["targets_on_means"]
     assert set(s["runs"]) == {"0", "1"}
+
+
+def test_one_view_reads_keep_single_view_records_with_valid_paths(world, tmp_path):
+    from valr.data import load_records
+    from valr.demo import one_view_reads
+
+    src = world / "read_test_one.jsonl"
+    read_records(world, src, seed=0)
+    dst = one_view_reads(src, tmp_path / "stage" / "one.jsonl")
+    every, one = load_records(src), load_records(dst)
+    assert [r.id for r in one] == [r.id for r in every if len(r.images) == 1] and one
+    assert all(p.is_file() for r in one for p in r.images)  # paths still resolve from the new directory

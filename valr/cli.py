@@ -77,11 +77,14 @@ def _demo(args: argparse.Namespace) -> int:
             return 2
         command = "valr demo " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["demo"] else None
         summary = run_seeds(args.out, seeds, quick=args.quick, summary_path=args.summary, figures=args.figures,
-                            command=command)
+                            command=command, scale=args.scale)
         means = summary["means"]
         print(json.dumps({n: round(m["accuracy"], 4) for n, m in means.items() if "accuracy" in m}))
         return 0
-    results = run_demo(args.out, seed=args.seed, quick=args.quick)
+    if args.scale <= 0:
+        print(f"error: --scale must be > 0, got {args.scale}", file=sys.stderr)
+        return 2
+    results = run_demo(args.out, seed=args.seed, quick=args.quick, scale=args.scale)
     print(json.dumps({n: round(v["accuracy"], 4) for n, v in results["variants"].items()}))
     print(f"wrote {Path(args.out) / 'results.json'}, {Path(args.out) / 'report.md'} and the figures under "
           f"{Path(args.out) / 'figures'}", file=sys.stderr)
@@ -198,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser(
         "demo", help="the built-in spatial world: SFT vs latents vs VaLR end to end (train, evaluate, report)",
         description="Generate the built-in spatial world, train the perception teacher and the tiny Qwen2.5-VL "
-                    "variants (SFT, latents without alignment, VaLR-S, VaLR-M, VaLR-S on 25%% of the data), "
+                    "variants (SFT, latents without alignment, VaLR-S, VaLR-S on 25% of the data; VaLR-M with the "
+                    "model's own vision tower as second teacher in --quick, off in the full budget), "
                     "evaluate them on the test split and write OUT/results.json, OUT/report.md and OUT/figures/. "
                     "Every finished stage is cached under OUT, so a rerun reuses it. Full mode: about 30 minutes "
                     "on 2 CPU cores; --quick: a smoke run of a few minutes whose accuracies mean nothing.")
@@ -209,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "OUT/summary.json (per-seed results under 'runs', plus means)")
     d.add_argument("--summary", help="with --seeds: also write the summary JSON to this path")
     d.add_argument("--figures", help="with --seeds: directory for the seed-mean figures (default OUT/figures)")
+    d.add_argument("--scale", type=float, default=1.0,
+                   help="multiply every training stage's steps (more compute, same recipe; default 1 = ~30 min)")
     d.set_defaults(func=_demo)
 
     tr = sub.add_parser("train", help="train stage 1 (CoT SFT) or stage 2 (VaLR) from a YAML config",
