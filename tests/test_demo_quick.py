@@ -33,7 +33,8 @@ def test_demo_quick_writes_documented_files(tmp_path):
     assert res["seed"] == 3 and res["quick"] is True
     assert isinstance(res["config"], dict) and res["config"]["k"] >= 1
     assert res["stage_seconds"] and all(isinstance(s, (int, float)) and s >= 0 for s in res["stage_seconds"].values())
-    for stage in ("world", "teacher", "stage0", "stage1", "sft", "latent_no_align", "valr_s", "valr_m"):
+    for stage in ("world", "teacher", "stage0_one_view", "stage0", "stage1", "sft", "latent_no_align", "valr_s",
+                  "valr_m"):
         assert stage in res["stage_seconds"], stage
     assert set(VARIANTS) <= set(res["variants"])
     n_max = res["config"]["n_max"]
@@ -50,6 +51,11 @@ def test_demo_quick_writes_documented_files(tmp_path):
     assert all(_frac(f["accuracy"]) for f in valr_s["data_fraction"].values())
     # the alignment loss is measured for the aligned variants only
     assert res["training"]["valr_s"]["align_last"] > 0 and "align_last" not in res["training"]["sft"]
+    # the held-out reading probe covers every stage up to the variants, own and swapped images
+    assert {"vision", "stage0_one_view", "stage0", "stage1", "sft", "valr_s"} <= set(res["reading"])
+    for probe in res["reading"].values():
+        assert set(probe) == {"one_view", "all_views", "one_view_swapped_images", "all_views_swapped_images"}
+        assert all(_frac(a) for a in probe.values())
     assert res["targets"] == {}  # quick mode makes no accuracy claims
     assert (out / "report.md").read_text().startswith("# valr demo report")
     for fig in ("accuracy_per_variant.png", "accuracy_by_n.png", "accuracy_by_length.png", "accuracy_by_k.png"):

@@ -169,3 +169,11 @@ def test_one_view_reads_keep_single_view_records_with_valid_paths(world, tmp_pat
     every, one = load_records(src), load_records(dst)
     assert [r.id for r in one] == [r.id for r in every if len(r.images) == 1] and one
     assert all(p.is_file() for r in one for p in r.images)  # paths still resolve from the new directory
+
+
+def test_read_records_for_the_probe_use_only_validation_scenes(world):
+    from valr.data import load_records
+
+    f = world / "read_val_test.jsonl"
+    assert read_records(world, f, seed=0, split="val") > 0
+    assert {p.parent.name for r in load_records(f) for p in r.images} == {"val"}

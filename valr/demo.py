@@ -238,10 +238,12 @@ def shade_views(world_dir: Path, shade: int, tint: int) -> int:
     return changed
 
 
-def read_records(world_dir: Path, out_file: Path, seed: int, per_scene: int = 4, cells: int = 4) -> int:
-    """Stage-0 records: read given cells. Per training scene, ``per_scene`` records alternate between one view
-    ("read row 2 col 3, ..." -> "row 2 col 3: large red cube") and all views ("read view 3 row 2 col 3, ..." ->
-    "view 3 row 2 col 3: large red cube", the CoT's lookup-step format). Training scenes only."""
+def read_records(world_dir: Path, out_file: Path, seed: int, per_scene: int = 4, cells: int = 4,
+                 split: str = "train") -> int:
+    """Stage-0 records: read given cells. Per scene of ``split`` (training scenes for stage 0; validation scenes
+    for the held-out reading probe), ``per_scene`` records alternate between one view ("read row 2 col 3, ..."
+    -> "row 2 col 3: large red cube") and all views ("read view 3 row 2 col 3, ..." -> "view 3 row 2 col 3:
+    large red cube", the CoT's lookup-step format)."""
     import numpy as np
 
     from valr.data.records import Record, Step, StepTarget, load_records, write_records
@@ -250,7 +252,7 @@ def read_records(world_dir: Path, out_file: Path, seed: int, per_scene: int = 4,
 
     labels = load_labels(world_dir)
     scenes: dict[tuple[str, ...], Record] = {}
-    for rec in load_records(world_dir / "train.jsonl"):
+    for rec in load_records(world_dir / f"{split}.jsonl"):
         scenes.setdefault(tuple(str(p) for p in rec.images), rec)
     rng = np.random.default_rng([seed, 17])
     out = []
@@ -358,6 +360,42 @@ def pretrain_vision(model_dir: Path, world_dir: Path, out: Path, steps: int, bat
     tail = max(1, min(10, steps))
     return {"checkpoint": str(out), "steps": steps, "final_loss": float(loss.detach()),
             "train_accuracy_last_steps": {k: sum(v[-tail:]) / len(v[-tail:]) for k, v in accs.items()}}
+
+
+def reading_accuracy(ckpt: str | Path, records_file: Path, batch: int = 32) -> dict[str, float]:
+    """Held-out reading probe: teacher-forced accuracy of the object words (size, colour, shape) of read records,
+    for single-view and all-view records, with the records' own images and with every record's images swapped
+    for another scene's (the blind level: what the text alone predicts)."""
+    import dataclasses as dc
+
+    import torch
+
+    from valr.checkpoint import load_checkpoint
+    from valr.data import LayoutConfig, load_records, make_batch
+    from valr.engine import forward_plain
+    from valr.synth.world import COLOURS, SHAPES, SIZES
+
+    loaded = load_checkpoint(ckpt)
+    bb, tok = loaded.backbone, loaded.tokenizer
+    words = [*SIZES, *COLOURS, *SHAPES]
+    obj_ids = torch.tensor(sorted({i for w in words for i in tok(" " + w, add_special_tokens=False)["input_ids"]}))
+    recs = load_records(records_file)
+    groups = {"one_view": [r for r in recs if len(r.images) == 1], "all_views": [r for r in recs if len(r.images) > 1]}
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        for name, rs in groups.items():
+            swapped = [dc.replace(r, images=rs[(i + 1) % len(rs)].images) for i, r in enumerate(rs)]
+            for suffix, group in (("", rs), ("_swapped_images", swapped)):
+                ok = tot = 0
+                for i in range(0, len(group), batch):
+                    b = make_batch(group[i:i + batch], tok, bb, LayoutConfig(k=0))
+                    hidden = forward_plain(bb, b).hidden[:, :-1]
+                    target = b.labels[:, 1:]
+                    m = torch.isin(target, obj_ids)
+                    ok += int((bb.logits(hidden[m]).argmax(-1) == target[m]).sum())
+                    tot += int(m.sum())
+                out[name + suffix] = ok / max(tot, 1)
+    return out
 
 
 def _subset(src: Path, dst: Path, n: int) -> Path:
@@ -979,6 +1017,18 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
         if k != c.k:
             evaluate(f"valr_s_k{k}", "valr_s", "model", k)
 
+    # reading probe: does each stage's model read cells by address? (held-out validation scenes)
+    def do_reading(d: Path):
+        probe = d / "read_val.jsonl"
+        read_records(wdir, probe, c.seed, split="val")
+        names = ["vision", *(n for n in ("stage0_one_view", "stage0", "stage1", "sft", "latent_no_align", "valr_s")
+                             if n in training)]
+        ckpts = {"vision": vision["checkpoint"], **{n: training[n]["checkpoint"] for n in names[1:]}}
+        return {n: reading_accuracy(ckpts[n], probe) for n in names}
+
+    reading = st.run("eval/reading", {"up": [st.fps[n] for n in st.fps if not n.startswith("eval/")], "v": 1},
+                     do_reading)
+
     # 7. results
     def public(m: dict[str, Any]) -> dict[str, Any]:
         p = {k: v for k, v in m.items() if not k.startswith("_")}
@@ -1015,6 +1065,7 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
         "teacher": teacher,
         "training": {k: {kk: vv for kk, vv in t.items() if kk != "checkpoint"} for k, t in training.items()},
         "variants": variants,
+        "reading": reading,
         "accuracy_by_length": lrep,
         "stage_seconds": {k: round(s, 1) for k, s in st.seconds.items()},
         "reused_stages": st.reused,
