@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -47,6 +49,18 @@ def test_record_defaults_and_round_trip(tmp_path, image_dir):
     write_records([r, multi], path)
     back = load_records(path)
     assert back[1] == multi and back[0].steps == r.steps
+
+
+def test_written_records_resolve_from_another_directory_with_relative_inputs(tmp_path, image_dir, monkeypatch):
+    """Records read with a cwd-relative path and written elsewhere still point at the same files."""
+    (tmp_path / "src").mkdir()
+    shutil.copy(image_dir / "a.png", tmp_path / "src" / "a.png")
+    monkeypatch.chdir(tmp_path)
+    src = Path("src") / "one.jsonl"
+    src.write_text(json.dumps({"id": "r", "images": ["a.png"], "question": "q", "steps": ["s"], "answer": "A"}))
+    write_records(load_records(src), Path("elsewhere") / "copy.jsonl")
+    back = load_records(tmp_path / "elsewhere" / "copy.jsonl")
+    assert back[0].images[0].resolve() == (tmp_path / "src" / "a.png").resolve() and back[0].images[0].is_file()
 
 
 @pytest.mark.parametrize("obj, message", [

@@ -75,12 +75,12 @@ class Record:
         """The JSON form; paths are written relative to ``root`` when they lie under it."""
 
         def rel(p: Path) -> str:
-            if root is not None:
-                try:
-                    return str(p.relative_to(root))
-                except ValueError:
-                    pass
-            return str(p)
+            if root is None:
+                return str(p)
+            try:
+                return str(p.resolve().relative_to(root.resolve()))
+            except ValueError:  # outside root: absolute, since a relative path would be read against root
+                return str(p.resolve())
 
         n_still = len(self.images) - self.n_video_frames
         steps: list[Any] = []
