@@ -1139,6 +1139,11 @@ def summarize(runs: dict[str, dict[str, Any]], command: str | None = None) -> di
     else:
         means_prior = None
     per_seed = {s: runs[s].get("targets", {}) for s in seeds}
+    reading_mean = None
+    if all("reading" in runs[s] for s in seeds):
+        stages = [n for n in runs[seeds[0]]["reading"] if all(n in runs[s]["reading"] for s in seeds)]
+        reading_mean = {n: {k: _mean_std([runs[s]["reading"][n][k] for s in seeds])[0]
+                            for k in runs[seeds[0]]["reading"][n]} for n in stages}
     return {
         "command": command,
         "seeds": [int(s) for s in seeds],
@@ -1146,6 +1151,7 @@ def summarize(runs: dict[str, dict[str, Any]], command: str | None = None) -> di
         "means": means,
         "std": stds,
         "prior_baseline_mean": means_prior,
+        "reading_mean": reading_mean,
         "targets_on_means": check_targets(means, n_hi=runs[seeds[0]]["config"]["n_max"]),
         "targets_per_seed": per_seed,
         "stage_seconds_mean": {k: _mean_std([runs[s]["stage_seconds"].get(k, 0.0) for s in seeds])[0]
