@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from valr.align import Aligner, Projector, grid_side, latents_to_grid
+from valr.align import Aligner, Projector, cosine_distance, grid_side, latents_to_grid, mean_feature_loss
 from valr.config import ValrConfig
 from valr.data import LayoutConfig, make_batch
 from valr.teachers import (
@@ -193,3 +193,13 @@ def test_objective_config_errors(tiny):
 def test_projector_is_repa_shaped():
     p = Projector(8, 5, width=16)
     assert [type(m).__name__ for m in p.net] == ["Linear", "SiLU", "Linear", "SiLU", "Linear"]
+
+
+def test_mean_feature_loss_is_the_loss_of_always_predicting_the_mean():
+    g = torch.Generator().manual_seed(0)
+    common = torch.randn(8, generator=g) * 3
+    feats = common + torch.randn(40, 16, 8, generator=g)  # (images, patches, D) with a shared component
+    mean = feats.reshape(-1, 8).mean(0)
+    assert mean_feature_loss(feats) == pytest.approx(float(cosine_distance(mean.expand_as(feats), feats)), abs=1e-5)
+    assert mean_feature_loss(feats) < mean_feature_loss(feats - mean)  # a shared component makes the mean cheap
+    assert mean_feature_loss(torch.ones(3, 4)) == pytest.approx(0.0, abs=1e-6)

@@ -51,6 +51,9 @@ def test_demo_quick_writes_documented_files(tmp_path):
     assert all(_frac(f["accuracy"]) for f in valr_s["data_fraction"].values())
     # the alignment loss is measured for the aligned variants only
     assert res["training"]["valr_s"]["align_last"] > 0 and "align_last" not in res["training"]["sft"]
+    # beside it, the loss of a projector that only predicts the mean teacher feature
+    assert 0 < res["variants"]["valr_s"]["training"]["align_of_mean_feature"]["percept"] < 2
+    assert "align_of_mean_feature" not in res["variants"]["sft"]["training"]
     # the held-out reading probe covers every stage up to the variants, own and swapped images
     assert {"vision", "stage0_one_view", "stage0", "stage1", "sft", "valr_s"} <= set(res["reading"])
     for probe in res["reading"].values():

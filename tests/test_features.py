@@ -42,6 +42,7 @@ def test_features_precompute_resume_train_and_mismatch(tmp_path, capsys, monkeyp
     assert main(["features", "--config", str(config), "--batch-size", "5", "--shard-size", "4", "--quiet"]) == 1
     out = capsys.readouterr().out
     assert f"{n_images} encoded, 0 skipped as cached, 2 failed" in out
+    assert "predicting the mean feature gives alignment loss" in out
     assert "gone.png: cannot read" in out and f"(used by {with_bad}:9 (record 'gone'))" in out
     assert "broken.png: cannot read image" in out and "(record 'broken')" in out
     meta = json.loads((tmp_path / "cache" / "dino" / "meta.json").read_text())

@@ -53,6 +53,16 @@ def cosine_distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 1.0 - F.cosine_similarity(pred.float(), target.float(), dim=-1, eps=1e-8).mean()
 
 
+def mean_feature_loss(features: torch.Tensor) -> float:
+    """The alignment loss (1 - cos) of a projector that ignores its input and always predicts the mean teacher
+    feature, over patch features ``(..., D)``. An alignment loss that plateaus near this value has learned only
+    the common component of the teacher's features, nothing about the particular image."""
+    flat = features.reshape(-1, features.shape[-1]).float()
+    if flat.shape[0] == 0:
+        raise ValueError("mean_feature_loss needs at least one feature vector")
+    return float(1.0 - F.cosine_similarity(flat, flat.mean(0, keepdim=True), dim=-1, eps=1e-8).mean())
+
+
 class Aligner(nn.Module):
     """One projector per teacher; computes the multi-teacher REPA loss (a plain mean over teachers)."""
 

@@ -398,6 +398,27 @@ def reading_accuracy(ckpt: str | Path, records_file: Path, batch: int = 32) -> d
     return out
 
 
+def cache_mean_feature_loss(cache_root: Path, limit: int = 2000) -> dict[str, float]:
+    """Per teacher under a feature-cache directory: the alignment loss of always predicting the mean teacher
+    feature (:func:`valr.align.mean_feature_loss`) over up to ``limit`` cached images. Empty if no cache."""
+    from safetensors.torch import load_file
+
+    from valr.align import mean_feature_loss
+
+    out = {}
+    for tdir in sorted(p for p in cache_root.glob("*") if p.is_dir()):
+        feats = []
+        for shard in sorted(tdir.glob("shard-*.safetensors")):
+            feats += list(load_file(shard).values())
+            if len(feats) >= limit:
+                break
+        if feats:
+            import torch
+
+            out[tdir.name] = mean_feature_loss(torch.cat([f.reshape(-1, f.shape[-1]) for f in feats[:limit]]))
+    return out
+
+
 def _subset(src: Path, dst: Path, n: int) -> Path:
     lines = [x for x in src.read_text().splitlines() if x.strip()][:n]
     # keep image paths valid: records are resolved against their file's directory
@@ -1040,6 +1061,9 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
         if name in evals:
             variants[name] = public(evals[name])
             variants[name]["training"] = {k: v for k, v in training[name].items() if k != "curve"}
+            baseline = cache_mean_feature_loss(out / name / "features")
+            if baseline:  # what the align loss would be if the projector only learned the mean teacher feature
+                variants[name]["training"]["align_of_mean_feature"] = baseline
     if "valr_s" in variants:
         by_k = {str(c.k): evals["valr_s"]["accuracy"]}
         by_k.update({str(k): evals[f"valr_s_k{k}"]["accuracy"] for k in c.test_ks if k != c.k})

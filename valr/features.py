@@ -28,11 +28,16 @@ class TeacherSummary:
     encoded: int = 0
     cached: int = 0  # skipped: already in the cache
     failed: list[tuple[str, str, list[str]]] = field(default_factory=list)  # (path, reason, records)
+    mean_feature_loss: float | None = None  # 1 - cos of always predicting the mean feature (see valr.align)
 
     def line(self) -> str:
-        return (f"teacher {self.name!r} ({self.teacher_id}): {self.references} target reference(s), {self.images} "
+        text = (f"teacher {self.name!r} ({self.teacher_id}): {self.references} target reference(s), {self.images} "
                 f"distinct image(s): {self.encoded} encoded, {self.cached} skipped as cached, {len(self.failed)} "
                 "failed")
+        if self.mean_feature_loss is not None:
+            text += (f"; predicting the mean feature gives alignment loss {self.mean_feature_loss:.3f} (a training "
+                     "align loss near this has learned nothing image-specific)")
+        return text
 
 
 def _targets(cfg, splits: tuple[str, ...]) -> dict[Path, list[str]]:
@@ -134,6 +139,11 @@ def precompute_features(cfg, batch_size: int = 16, shard_size: int = 256, dtype:
             bar.update(len(chunk))
         cache.flush()
         bar.close()
+        sample = cache.sample()
+        if len(sample):
+            from valr.align import mean_feature_loss
+
+            s.mean_feature_loss = mean_feature_loss(sample)
         summaries.append(s)
     return summaries
 

@@ -313,6 +313,12 @@ class FeatureCache:
     def get(self, image_path: Path) -> tuple[torch.Tensor, tuple[int, int]] | None:
         return self.get_key(self.key(image_path))
 
+    def sample(self, limit: int = 2000) -> torch.Tensor:
+        """Patch features ``(N, D)`` of up to ``limit`` cached images (in key order), e.g. for statistics."""
+        keys = sorted(set(self._index) | set(self._pending))[:limit]
+        feats = [self.get_key(k)[0].reshape(-1, self.teacher.dim) for k in keys]
+        return torch.cat(feats) if feats else torch.zeros(0, self.teacher.dim)
+
     def get_key(self, digest: str) -> tuple[torch.Tensor, tuple[int, int]] | None:
         if digest in self._pending:
             feats, grid = self._pending[digest]
