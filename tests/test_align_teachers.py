@@ -203,3 +203,15 @@ def test_mean_feature_loss_is_the_loss_of_always_predicting_the_mean():
     assert mean_feature_loss(feats) == pytest.approx(float(cosine_distance(mean.expand_as(feats), feats)), abs=1e-5)
     assert mean_feature_loss(feats) < mean_feature_loss(feats - mean)  # a shared component makes the mean cheap
     assert mean_feature_loss(torch.ones(3, 4)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_centred_targets_deny_the_constant_prediction():
+    g = torch.Generator().manual_seed(1)
+    common = torch.randn(8, generator=g) * 5
+    feats = common + torch.randn(6, 16, 8, generator=g)  # (segments, patches, D)
+    constant = common.expand_as(feats)
+    raw, centred = Aligner(4, {"t": 8}), Aligner(4, {"t": 8}, center=True)
+    assert torch.allclose(centred.targets(feats).mean(1), torch.zeros(6, 8), atol=1e-5)
+    assert torch.equal(raw.targets(feats), feats)
+    assert float(cosine_distance(constant, raw.targets(feats))) < 0.1  # the mean wins the raw loss
+    assert float(cosine_distance(constant, centred.targets(feats))) > 0.8  # and gains ~nothing once centred

@@ -66,12 +66,17 @@ def mean_feature_loss(features: torch.Tensor) -> float:
 class Aligner(nn.Module):
     """One projector per teacher; computes the multi-teacher REPA loss (a plain mean over teachers)."""
 
-    def __init__(self, hidden_size: int, teacher_dims: dict[str, int], width: int = 2048):
+    def __init__(self, hidden_size: int, teacher_dims: dict[str, int], width: int = 2048, center: bool = False):
         super().__init__()
         if not teacher_dims:
             raise ValueError("alignment needs at least one teacher")
+        self.center = center
         self.projectors = nn.ModuleDict({name: Projector(hidden_size, dim, width)
                                          for name, dim in teacher_dims.items()})
+
+    def targets(self, feats: torch.Tensor) -> torch.Tensor:
+        """Teacher patch features ``(S, P, D)`` as the loss sees them: raw, or minus each image's mean patch."""
+        return feats - feats.mean(dim=-2, keepdim=True) if self.center else feats
 
     def loss(self, states: torch.Tensor, targets: dict[str, list[tuple[int, torch.Tensor, tuple[int, int]]]],
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -93,7 +98,7 @@ class Aligner(nn.Module):
             total, count = states.new_zeros(()).float(), 0
             for grid, members in groups.items():
                 rows = torch.tensor([r for r, _ in members], device=states.device)
-                feats = torch.stack([f for _, f in members], 0).to(states.device)
+                feats = self.targets(torch.stack([f for _, f in members], 0).to(states.device))
                 up = latents_to_grid(states[rows], grid)
                 pred = self.projectors[name](up.to(self.projectors[name].net[0].weight.dtype))
                 total = total + cosine_distance(pred, feats) * len(members)

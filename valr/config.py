@@ -29,6 +29,10 @@ class ValrConfig:
     step_delimiter: str = "\n"
     answer_prefix: str = "Answer: "
     feature_cache: str | None = None  # directory of cached teacher features (None: encode online)
+    # subtract each target image's mean patch feature before the cosine (not in the paper; off by default): with
+    # teachers whose patches share a large common component, a projector that predicts that component reaches
+    # the raw loss's plateau without any image-specific content (see valr.align.mean_feature_loss)
+    center_targets: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -570,10 +570,11 @@ class _Trainer:
             if old is not None and {n: p.net[-1].out_features for n, p in old.projectors.items()} == dims and \
                     old.projectors[next(iter(dims))].net[0].out_features == v.projector_width:
                 aligner = old
+                aligner.center = v.center_targets
                 self.log("REPA projectors: continuing from the checkpoint's")
             else:
                 torch.manual_seed(cfg.seed)
-                aligner = Aligner(self.backbone.hidden_size, dims, v.projector_width)
+                aligner = Aligner(self.backbone.hidden_size, dims, v.projector_width, center=v.center_targets)
             aligner.to(model.device if not self.sharded else "cpu")
         self.peft = None
         if cfg.lora_r:

@@ -318,6 +318,7 @@ class Probe:
     projector: torch.nn.Module
     layer: int
     source: str  # which checkpoint's projector
+    center: bool = False  # the checkpoint was trained on per-image centred targets (valr.center_targets)
     _cache: dict[str, tuple[torch.Tensor, tuple[int, int]]] = field(default_factory=dict)
 
     def features(self, image: Image.Image, key: str) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -384,7 +385,7 @@ def build_probe(subject: Subject, teacher_arg: str | None = None, projector_from
         teacher = build_teacher(spec, backbone=subject.backbone)
     except (ValueError, OSError) as e:
         return None, f"cannot build teacher {name!r}: {e}"
-    return Probe(name, teacher, aligner.projectors[name], cfg.align_layer, source), ""
+    return Probe(name, teacher, aligner.projectors[name], cfg.align_layer, source, cfg.center_targets), ""
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,8 @@ def _segment_alignment(probe: Probe, states: torch.Tensor, feats: torch.Tensor, 
     from valr.align import latents_to_grid
 
     pred = probe.projector(latents_to_grid(states[None].float(), grid))[0]
+    if probe.center:  # compare in the space the projector was trained for
+        feats = feats - feats.mean(0, keepdim=True)
     return float(cosine(pred, feats.to(pred.device)).mean())
 
 
