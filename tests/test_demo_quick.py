@@ -56,7 +56,10 @@ def test_demo_quick_writes_documented_files(tmp_path):
     assert "align_of_mean_feature" not in res["variants"]["sft"]["training"]
     # the held-out reading probe covers every stage up to the variants, own and swapped images
     assert {"vision", "stage0_one_view", "stage0", "stage1", "sft", "valr_s"} <= set(res["reading"])
-    for probe in res["reading"].values():
+    for name, probe in res["reading"].items():
+        numbers = probe.pop("first_step_numbers", None)
+        assert (numbers is not None) == (name in ("stage1", "sft", "latent_no_align", "valr_s")), name
+        assert numbers is None or all(_frac(a) for a in numbers.values())
         assert set(probe) == {"one_view", "all_views", "one_view_swapped_images", "all_views_swapped_images"}
         assert all(_frac(a) for a in probe.values())
     assert res["targets"] == {}  # quick mode makes no accuracy claims

@@ -147,7 +147,8 @@ def test_summarize_means_over_seeds():
         vs["valr_s"]["data_fraction"] = {"1.0": {"accuracy": a + 0.1, "accuracy_by_n": {"1": a}},
                                          "0.25": {"accuracy": a, "accuracy_by_n": {"1": a}}}
         return {"seed": seed, "config": {"n_max": 2}, "variants": vs, "targets": {}, "stage_seconds": {"x": 1.0},
-                "total_seconds": 10.0, "reading": {"stage0": {"all_views": a, "one_view": 2 * a}}}
+                "total_seconds": 10.0, "reading": {"stage0": {"all_views": a, "one_view": 2 * a},
+                                                   "sft": {"first_step_numbers": {"chase": a}}}}
 
     s = summarize({"0": run(0, 0.4), "1": run(1, 0.6)}, "valr demo --seeds 0,1")
     assert s["seeds"] == [0, 1]
@@ -158,6 +159,7 @@ def test_summarize_means_over_seeds():
     assert "no_align_within_2pts_of_sft" in s["targets_on_means"]
     assert set(s["runs"]) == {"0", "1"}
     assert s["reading_mean"]["stage0"] == pytest.approx({"all_views": 0.5, "one_view": 1.0})
+    assert s["reading_mean"]["sft"]["first_step_numbers"] == pytest.approx({"chase": 0.5})
 
 
 def test_one_view_reads_keep_single_view_records_with_valid_paths(world, tmp_path):

@@ -398,6 +398,40 @@ def reading_accuracy(ckpt: str | Path, records_file: Path, batch: int = 32) -> d
     return out
 
 
+def first_step_address_accuracy(ckpt: str | Path, records_file: Path, n: int = 128, batch: int = 32,
+                                ) -> dict[str, float]:
+    """Teacher-forced accuracy of the numbers in the first step's head ("view 2 row 2 col 1", "view 2 yellow"),
+    per question family. For chase, count and tally they are copied from the question; for where they come from
+    finding the named object. Only the number tokens count (the words around them are trivially predictable)."""
+    import torch
+
+    from valr.checkpoint import load_checkpoint
+    from valr.data import LayoutConfig, load_records, make_batch
+    from valr.data.layout import IGNORE
+    from valr.engine import forward_plain
+
+    loaded = load_checkpoint(ckpt)
+    bb, tok = loaded.backbone, loaded.tokenizer
+    recs = load_records(records_file)[:n]
+    hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    with torch.no_grad():
+        for i in range(0, len(recs), batch):
+            rs = recs[i:i + batch]
+            b = make_batch(rs, tok, bb, LayoutConfig(k=0))
+            pred = bb.logits(forward_plain(bb, b).hidden).argmax(-1)
+            for j, r in enumerate(rs):
+                first = int((b.labels[j] != IGNORE).nonzero()[0])  # the response's first token
+                head = tok(r.steps[0].text.split(":")[0], add_special_tokens=False)["input_ids"]
+                if b.input_ids[j, first:first + len(head)].tolist() != head:
+                    continue  # tokenised differently in context: skip rather than misalign
+                fam = str((r.meta or {}).get("family", "all"))
+                for t, tid in enumerate(head):
+                    if t > 0 and tok.decode([tid]).strip().isdigit():
+                        hits[fam][0] += int(pred[j, first + t - 1] == tid)
+                        hits[fam][1] += 1
+    return {f: a / c for f, (a, c) in sorted(hits.items()) if c}
+
+
 def cache_mean_feature_loss(cache_root: Path, limit: int = 2000) -> dict[str, float]:
     """Per teacher under a feature-cache directory: the alignment loss of always predicting the mean teacher
     feature (:func:`valr.align.mean_feature_loss`) over up to ``limit`` cached images. Empty if no cache."""
@@ -1045,9 +1079,14 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
         names = ["vision", *(n for n in ("stage0_one_view", "stage0", "stage1", "sft", "latent_no_align", "valr_s")
                              if n in training)]
         ckpts = {"vision": vision["checkpoint"], **{n: training[n]["checkpoint"] for n in names[1:]}}
-        return {n: reading_accuracy(ckpts[n], probe) for n in names}
+        res = {n: reading_accuracy(ckpts[n], probe) for n in names}
+        for n in names:  # can the CoT models copy the first step's address from the question?
+            if n in ("stage1", "sft", "latent_no_align", "valr_s"):
+                res[n]["first_step_numbers"] = first_step_address_accuracy(ckpts[n], wdir / "val.jsonl",
+                                                                           n=min(128, c.n_val))
+        return res
 
-    reading = st.run("eval/reading", {"up": [st.fps[n] for n in st.fps if not n.startswith("eval/")], "v": 1},
+    reading = st.run("eval/reading", {"up": [st.fps[n] for n in st.fps if not n.startswith("eval/")], "v": 2},
                      do_reading)
 
     # 7. results
@@ -1166,8 +1205,15 @@ def summarize(runs: dict[str, dict[str, Any]], command: str | None = None) -> di
     reading_mean = None
     if all("reading" in runs[s] for s in seeds):
         stages = [n for n in runs[seeds[0]]["reading"] if all(n in runs[s]["reading"] for s in seeds)]
-        reading_mean = {n: {k: _mean_std([runs[s]["reading"][n][k] for s in seeds])[0]
-                            for k in runs[seeds[0]]["reading"][n]} for n in stages}
+        def mean_of(values: list[Any]) -> Any:  # floats, or dicts of floats (per family), averaged per key
+            if isinstance(values[0], dict):
+                keys = [k for k in values[0] if all(k in v for v in values)]
+                return {k: _mean_std([v[k] for v in values])[0] for k in keys}
+            return _mean_std(values)[0]
+
+        reading_mean = {n: {k: mean_of([runs[s]["reading"][n][k] for s in seeds])
+                            for k in runs[seeds[0]]["reading"][n] if all(k in runs[s]["reading"][n] for s in seeds)}
+                        for n in stages}
     return {
         "command": command,
         "seeds": [int(s) for s in seeds],
