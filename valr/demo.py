@@ -362,20 +362,17 @@ def pretrain_vision(model_dir: Path, world_dir: Path, out: Path, steps: int, bat
             "train_accuracy_last_steps": {k: sum(v[-tail:]) / len(v[-tail:]) for k, v in accs.items()}}
 
 
-def reading_accuracy(ckpt: str | Path, records_file: Path, batch: int = 32) -> dict[str, float]:
+def reading_accuracy(loaded: Any, records_file: Path, batch: int = 32) -> dict[str, float]:
     """Held-out reading probe: teacher-forced accuracy of the object words (size, colour, shape) of read records,
     for single-view and all-view records, with the records' own images and with every record's images swapped
-    for another scene's (the blind level: what the text alone predicts)."""
-    import dataclasses as dc
-
+    for another scene's (the blind level: what the text alone predicts). ``loaded``: a
+    :func:`valr.checkpoint.load_checkpoint` result."""
     import torch
 
-    from valr.checkpoint import load_checkpoint
     from valr.data import LayoutConfig, load_records, make_batch
     from valr.engine import forward_plain
     from valr.synth.world import COLOURS, SHAPES, SIZES
 
-    loaded = load_checkpoint(ckpt)
     bb, tok = loaded.backbone, loaded.tokenizer
     words = [*SIZES, *COLOURS, *SHAPES]
     obj_ids = torch.tensor(sorted({i for w in words for i in tok(" " + w, add_special_tokens=False)["input_ids"]}))
@@ -384,8 +381,7 @@ def reading_accuracy(ckpt: str | Path, records_file: Path, batch: int = 32) -> d
     out: dict[str, float] = {}
     with torch.no_grad():
         for name, rs in groups.items():
-            swapped = [dc.replace(r, images=rs[(i + 1) % len(rs)].images) for i, r in enumerate(rs)]
-            for suffix, group in (("", rs), ("_swapped_images", swapped)):
+            for suffix, group in (("", rs), ("_swapped_images", with_swapped_images(rs))):
                 ok = tot = 0
                 for i in range(0, len(group), batch):
                     b = make_batch(group[i:i + batch], tok, bb, LayoutConfig(k=0))
@@ -398,19 +394,17 @@ def reading_accuracy(ckpt: str | Path, records_file: Path, batch: int = 32) -> d
     return out
 
 
-def first_step_address_accuracy(ckpt: str | Path, records_file: Path, n: int = 128, batch: int = 32,
+def first_step_address_accuracy(loaded: Any, records_file: Path, n: int = 128, batch: int = 32,
                                 ) -> dict[str, float]:
     """Teacher-forced accuracy of the numbers in the first step's head ("view 2 row 2 col 1", "view 2 yellow"),
     per question family. For chase, count and tally they are copied from the question; for where they come from
     finding the named object. Only the number tokens count (the words around them are trivially predictable)."""
     import torch
 
-    from valr.checkpoint import load_checkpoint
     from valr.data import LayoutConfig, load_records, make_batch
     from valr.data.layout import IGNORE
     from valr.engine import forward_plain
 
-    loaded = load_checkpoint(ckpt)
     bb, tok = loaded.backbone, loaded.tokenizer
     recs = load_records(records_file)[:n]
     hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
@@ -542,13 +536,16 @@ def build_base(cfg: DemoConfig, world_dir: Path, out: Path) -> Path:
 # -------------------------------------------------------------------------------------------- evaluation
 
 
+def with_swapped_images(recs: list) -> list:
+    """Each record with the next record's images (the blind reference: what the text alone predicts)."""
+    return [dataclasses.replace(r, images=recs[(i + 1) % len(recs)].images) for i, r in enumerate(recs)]
+
+
 def image_dependence(ckpt: str | Path, records_file: Path, k: int, latent: bool, layer: int, n: int = 64,
                      batch: int = 16) -> dict[str, float]:
     """Teacher-forced CE on ``n`` validation records with their own images and with every record's images
     swapped for the next record's (same number of views). Equal losses mean the model ignores the images.
     Latent variants run their own layout (latent segments, fast mode); SFT the plain CoT layout."""
-    import dataclasses as dc
-
     import torch
 
     from valr.checkpoint import load_checkpoint
@@ -559,7 +556,7 @@ def image_dependence(ckpt: str | Path, records_file: Path, k: int, latent: bool,
     loaded = load_checkpoint(ckpt)
     bb, tok = loaded.backbone, loaded.tokenizer
     recs = load_records(records_file)[:n]
-    swapped = [dc.replace(r, images=recs[(i + 1) % len(recs)].images) for i, r in enumerate(recs)]
+    swapped = with_swapped_images(recs)
     lat = LatentTokenIds.from_tokenizer(tok) if latent else None
     layout = LayoutConfig(k=k if latent else 0)
     out = {}
@@ -757,6 +754,13 @@ def plot_all(results: dict[str, Any], fig_dir: Path, length_report: dict[str, An
             extra[f"valr_s ({float(key):.0%} data)"] = m
     err = errors or {}
 
+    def finish(ax, xlabel: str, title: str, ylabel: str = "test accuracy (%)"):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+
     def save(fig, name):
         fig.tight_layout()
         fig.savefig(fig_dir / name, dpi=100)
@@ -796,11 +800,7 @@ def plot_all(results: dict[str, Any], fig_dir: Path, length_report: dict[str, An
         pb = results["prior_baseline"]["accuracy_by_n"]
         xs = sorted(int(k) for k in pb)
         ax.plot(xs, [100 * pb[str(x)] for x in xs], color="#cc3333", linestyle=":", label="answer prior")
-    ax.set_xlabel("chain length N (reasoning steps)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("accuracy by chain length (dilution curve)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    finish(ax, "chain length N (reasoning steps)", "accuracy by chain length (dilution curve)")
     save(fig, "accuracy_by_n.png")
 
     # 3. accuracy by generated length
@@ -811,11 +811,8 @@ def plot_all(results: dict[str, Any], fig_dir: Path, length_report: dict[str, An
             if pts:
                 xs, ys = zip(*pts, strict=True)
                 ax.plot(xs, ys, marker="o", label=n)
-        ax.set_xlabel("generated length (text tokens, markers included; buckets with >= 5 items)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title("accuracy by generated length (paper Fig. 2 analysis)", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        finish(ax, "generated length (text tokens, markers included; buckets with >= 5 items)",
+               "accuracy by generated length (paper Fig. 2 analysis)")
         save(fig, "accuracy_by_length.png")
 
     # 4. accuracy vs test-time K
@@ -832,11 +829,7 @@ def plot_all(results: dict[str, Any], fig_dir: Path, length_report: dict[str, An
         ax.axvline(results["config"]["k"], color="#cccccc", linestyle="--", label="training K")
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(x) for x in xs])
-        ax.set_xlabel("latent positions per segment at test time (K)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title("VaLR-S: accuracy vs test-time K", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        finish(ax, "latent positions per segment at test time (K)", "VaLR-S: accuracy vs test-time K")
         save(fig, "accuracy_by_k.png")
 
     # 5. per-step accuracy by step position (given the earlier steps right)
@@ -846,11 +839,8 @@ def plot_all(results: dict[str, Any], fig_dir: Path, length_report: dict[str, An
         if m:
             xs = sorted(int(k) for k in m)
             ax.plot(xs, [100 * m[str(x)] for x in xs], marker="o", label=n)
-    ax.set_xlabel("step position i")
-    ax.set_ylabel("step i exactly right | steps < i right (%)")
-    ax.set_title("per-step lookup accuracy by position", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    finish(ax, "step position i", "per-step lookup accuracy by position",
+           ylabel="step i exactly right | steps < i right (%)")
     save(fig, "step_accuracy_by_position.png")
     return written
 
@@ -1079,10 +1069,14 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
         names = ["vision", *(n for n in ("stage0_one_view", "stage0", "stage1", "sft", "latent_no_align", "valr_s")
                              if n in training)]
         ckpts = {"vision": vision["checkpoint"], **{n: training[n]["checkpoint"] for n in names[1:]}}
-        res = {n: reading_accuracy(ckpts[n], probe) for n in names}
-        for n in names:  # can the CoT models copy the first step's address from the question?
-            if n in ("stage1", "sft", "latent_no_align", "valr_s"):
-                res[n]["first_step_numbers"] = first_step_address_accuracy(ckpts[n], wdir / "val.jsonl",
+        from valr.checkpoint import load_checkpoint
+
+        res = {}
+        for n in names:
+            loaded = load_checkpoint(ckpts[n])
+            res[n] = reading_accuracy(loaded, probe)
+            if n in ("stage1", "sft", "latent_no_align", "valr_s"):  # do CoT models copy the first step's address?
+                res[n]["first_step_numbers"] = first_step_address_accuracy(loaded, wdir / "val.jsonl",
                                                                            n=min(128, c.n_val))
         return res
 
