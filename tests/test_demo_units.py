@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from valr.demo import Stages, check_targets, read_records, score_predictions, shade_views, summarize
+from valr.demo import DemoConfig, Stages, check_targets, read_records, score_predictions, shade_views, summarize
 from valr.synth.dataset import make_world_dataset
 
 
@@ -180,3 +180,19 @@ def test_read_records_for_the_probe_use_only_validation_scenes(world):
     f = world / "read_val_test.jsonl"
     assert read_records(world, f, seed=0, split="val") > 0
     assert {p.parent.name for r in load_records(f) for p in r.images} == {"val"}
+
+
+def test_demo_overrides_change_the_recipe_and_reject_bad_keys():
+    from valr.config import ConfigError
+
+    base = DemoConfig()
+    c = base.with_overrides(["stage0_steps=600", "stage2_lr=2e-3", "teacher.steps=50", "test_ks=[1, 4]",
+                             "data_fraction=0", "eval_limit=100"])
+    assert (c.stage0_steps, c.stage2_lr, c.teacher.steps, c.test_ks, c.data_fraction, c.eval_limit) == (
+        600, 0.002, 50, (1, 4), 0.0, 100)
+    assert isinstance(c.data_fraction, float) and base.stage0_steps == 300  # the original is untouched
+    for bad, words in [("stage0_stepz=3", "unknown key"), ("stage0_steps=abc", "expected int"),
+                       ("valr_m=1", "expected bool"), ("teacher.stepz=1", "unknown key"), ("seed=3", "--seed"),
+                       ("stage0_steps", "key=value")]:
+        with pytest.raises(ConfigError, match=words):
+            base.with_overrides([bad])

@@ -66,8 +66,14 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see valr/demo.py
-    from valr.demo import run_demo, run_seeds
+    from valr.config import ConfigError
+    from valr.demo import DemoConfig, run_demo, run_seeds
 
+    try:
+        DemoConfig.for_mode(args.quick, args.seed).with_overrides(args.overrides)
+    except (ConfigError, TypeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.seeds:
         try:
             seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
@@ -77,14 +83,14 @@ def _demo(args: argparse.Namespace) -> int:
             return 2
         command = "valr demo " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["demo"] else None
         summary = run_seeds(args.out, seeds, quick=args.quick, summary_path=args.summary, figures=args.figures,
-                            command=command, scale=args.scale)
+                            command=command, scale=args.scale, overrides=args.overrides)
         means = summary["means"]
         print(json.dumps({n: round(m["accuracy"], 4) for n, m in means.items() if "accuracy" in m}))
         return 0
     if args.scale <= 0:
         print(f"error: --scale must be > 0, got {args.scale}", file=sys.stderr)
         return 2
-    results = run_demo(args.out, seed=args.seed, quick=args.quick, scale=args.scale)
+    results = run_demo(args.out, seed=args.seed, quick=args.quick, scale=args.scale, overrides=args.overrides)
     print(json.dumps({n: round(v["accuracy"], 4) for n, v in results["variants"].items()}))
     print(f"wrote {Path(args.out) / 'results.json'}, {Path(args.out) / 'report.md'} and the figures under "
           f"{Path(args.out) / 'figures'}", file=sys.stderr)
@@ -215,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--figures", help="with --seeds: directory for the seed-mean figures (default OUT/figures)")
     d.add_argument("--scale", type=float, default=1.0,
                    help="multiply every training stage's steps (more compute, same recipe; default 1 = ~30 min)")
+    d.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="change the recipe (fields of valr.demo.DemoConfig), e.g. stage0_steps=600 "
+                        "data_fraction=0 teacher.steps=200; applied after --scale and part of every stage's cache "
+                        "key")
     d.set_defaults(func=_demo)
 
     tr = sub.add_parser("train", help="train stage 1 (CoT SFT) or stage 2 (VaLR) from a YAML config",

@@ -146,6 +146,38 @@ class DemoConfig:
         d["test_ks"] = list(self.test_ks)
         return d
 
+    def with_overrides(self, overrides: list[str]) -> DemoConfig:
+        """This config with ``key=value`` overrides applied (``teacher.steps=200``, ``test_ks=[1,4]``); unknown
+        keys and values of the wrong type are errors that name the key."""
+        from valr.config import ConfigError, apply_overrides, build_dataclass
+
+        if not overrides:
+            return self
+        for item in overrides:
+            if item.split("=", 1)[0] in ("seed", "quick"):
+                raise ConfigError(f"demo override {item!r}: use the --seed / --quick options instead")
+        data = apply_overrides(self.to_dict(), list(overrides))
+        for f in dataclasses.fields(self):
+            old, value = getattr(self, f.name), data[f.name]
+            if isinstance(old, float) and isinstance(value, str):  # YAML reads 2e-3 as a string
+                try:
+                    data[f.name] = value = float(value)
+                except ValueError:
+                    pass
+            if old is None or value is None or f.name in ("teacher", "test_ks"):
+                continue
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(old, float) else (
+                isinstance(value, type(old)) and isinstance(value, bool) == isinstance(old, bool))
+            if not ok:
+                raise ConfigError(f"demo override {f.name}={value!r}: expected {type(old).__name__} like the "
+                                  f"default {old!r}")
+            if isinstance(old, float):
+                data[f.name] = float(value)
+        data["teacher"] = build_dataclass(TeacherTrainConfig, data["teacher"], "demo override teacher")
+        data["test_ks"] = tuple(data["test_ks"])
+        new = build_dataclass(DemoConfig, data, "demo overrides")
+        return new
+
 
 # ------------------------------------------------------------------------------------------------- stages
 
@@ -915,12 +947,13 @@ def _machine() -> str:
 
 
 def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfig | None = None,
-             progress: bool = True, scale: float = 1.0) -> dict[str, Any]:
+             progress: bool = True, scale: float = 1.0, overrides: list[str] = ()) -> dict[str, Any]:
     """Run (or resume) the whole demo into ``out``; returns the results object (also ``out/results.json``).
-    ``scale`` multiplies every training stage's steps (the default budget fits about 30 minutes on 2 cores)."""
+    ``scale`` multiplies every training stage's steps (the default budget fits about 30 minutes on 2 cores);
+    ``overrides`` are ``key=value`` changes to :class:`DemoConfig`, applied after scaling."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cfg = (cfg or DemoConfig.for_mode(quick, seed)).scaled(scale)
+    cfg = (cfg or DemoConfig.for_mode(quick, seed)).scaled(scale).with_overrides(list(overrides))
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     st = Stages(out)
@@ -1243,13 +1276,14 @@ def plot_summary(summary: dict[str, Any], fig_dir: Path) -> list[str]:
 
 
 def run_seeds(out: str | Path, seeds: list[int], quick: bool = False, summary_path: str | Path | None = None,
-              figures: str | Path | None = None, command: str | None = None, scale: float = 1.0) -> dict[str, Any]:
+              figures: str | Path | None = None, command: str | None = None, scale: float = 1.0,
+              overrides: list[str] = ()) -> dict[str, Any]:
     """Run the demo for each seed into ``out/seed-S`` (each cached on its own), then summarise."""
     out = Path(out)
     runs = {}
     for s in seeds:
         _log(f"=== seed {s} ===")
-        res = run_demo(out / f"seed-{s}", seed=s, quick=quick, scale=scale)
+        res = run_demo(out / f"seed-{s}", seed=s, quick=quick, scale=scale, overrides=overrides)
         res["_length_pairs"] = _length_pairs(out / f"seed-{s}")
         runs[str(s)] = res
     summary = summarize(runs, command)
