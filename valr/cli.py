@@ -207,8 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser(
         "demo", help="the built-in spatial world: SFT vs latents vs VaLR end to end (train, evaluate, report)",
         description="Generate the built-in spatial world, train the perception teacher and the tiny Qwen2.5-VL "
-                    "variants (SFT, latents without alignment, VaLR-S, VaLR-S on 25% of the data; VaLR-M with the "
-                    "model's own vision tower as second teacher in --quick, off in the full budget), "
+                    "variants (SFT, latents without alignment, VaLR-S; VaLR-S on 25% of the data with "
+                    "data_fraction=0.25; VaLR-M with the model's own vision tower as second teacher in --quick, "
+                    "off in the full budget), "
                     "evaluate them on the test split and write OUT/results.json, OUT/report.md and OUT/figures/. "
                     "Every finished stage is cached under OUT, so a rerun reuses it. Full mode: about 30 minutes "
                     "on 2 CPU cores; --quick: a smoke run of a few minutes whose accuracies mean nothing.")
