@@ -215,3 +215,25 @@ def test_centred_targets_deny_the_constant_prediction():
     assert torch.equal(raw.targets(feats), feats)
     assert float(cosine_distance(constant, raw.targets(feats))) < 0.1  # the mean wins the raw loss
     assert float(cosine_distance(constant, centred.targets(feats))) > 0.8  # and gains ~nothing once centred
+
+
+def test_cache_sample_reads_pending_and_written_features_and_feeds_the_mean_baseline(tmp_path):
+    from valr.demo import cache_mean_feature_loss
+    from valr.teachers import sample_cached_features
+
+    class Fixed:  # just what a cache needs of a teacher
+        name, id, dim = "t", "fixed-encoder", 3
+
+    cache = FeatureCache(tmp_path / "cache", Fixed(), shard_size=2)
+    feats = [torch.randn(4, 3) for _ in range(5)]
+    for i, f in enumerate(feats):
+        cache.put_key(f"k{i}", f, (2, 2))  # shard_size 2: two shards written, one image still pending
+    assert len(list(cache.dir.glob("shard-*.safetensors"))) == 2
+    sample = cache.sample()
+    assert sample.shape == (20, 3)
+    assert sorted(map(tuple, sample.tolist())) == sorted(map(tuple, torch.cat(feats).tolist()))
+    assert cache.sample(limit=2).shape == (8, 3)
+    on_disk = sample_cached_features(cache.dir)
+    assert on_disk.shape == (16, 3)  # the pending image is not on disk yet
+    assert cache_mean_feature_loss(tmp_path / "cache") == {"t": pytest.approx(mean_feature_loss(on_disk))}
+    assert sample_cached_features(tmp_path / "nothing").numel() == 0

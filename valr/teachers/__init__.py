@@ -209,6 +209,19 @@ def _flush_pending(directory: Path, teacher_id: str, pending: dict, dtype: torch
     return directory / name
 
 
+def sample_cached_features(teacher_dir: str | Path, limit: int = 2000) -> torch.Tensor:
+    """Patch features ``(N, D)`` of up to ``limit`` images from one teacher's cache directory, reading its shard
+    files in name order; needs no teacher object (e.g. for statistics of a finished run). Empty if no shards."""
+    from safetensors.torch import load_file
+
+    feats: list[torch.Tensor] = []
+    for shard in sorted(Path(teacher_dir).glob("shard-*.safetensors")):
+        if len(feats) >= limit:
+            break
+        feats += [t.float() for t in load_file(str(shard)).values()][: limit - len(feats)]
+    return torch.cat([f.reshape(-1, f.shape[-1]) for f in feats]) if feats else torch.zeros(0, 0)
+
+
 class FeatureCache:
     """Teacher patch features on disk: sharded safetensors keyed by image content hash, one directory per teacher.
 
@@ -314,9 +327,11 @@ class FeatureCache:
         return self.get_key(self.key(image_path))
 
     def sample(self, limit: int = 2000) -> torch.Tensor:
-        """Patch features ``(N, D)`` of up to ``limit`` cached images (in key order), e.g. for statistics."""
-        keys = sorted(set(self._index) | set(self._pending))[:limit]
-        feats = [self.get_key(k)[0].reshape(-1, self.teacher.dim) for k in keys]
+        """Patch features ``(N, D)`` of up to ``limit`` cached images (unwritten ones first, then the shards in
+        name order), e.g. for statistics."""
+        pending = [self.round_trip(f).reshape(-1, self.teacher.dim) for f, _ in list(self._pending.values())[:limit]]
+        on_disk = sample_cached_features(self.dir, limit - len(pending))
+        feats = pending + ([on_disk] if len(on_disk) else [])
         return torch.cat(feats) if feats else torch.zeros(0, self.teacher.dim)
 
     def get_key(self, digest: str) -> tuple[torch.Tensor, tuple[int, int]] | None:
