@@ -94,6 +94,10 @@ class DemoConfig:
     # vision-tower pretraining (dense per-token labels) and stage 0 (reading cells by address)
     vision_steps: int = 100
     vision_lr: float = 2e-3
+    # also train row/col/view heads on the vision tower: makes the address 74% of the visual tokens' variance and
+    # slowed reading by address (37% vs 51% object words after 300 steps, docs/results.md); the 3-seed study of
+    # 2026-11-27 ran with it on
+    vision_position_heads: bool = False
     stage0_batch_size: int = 32
     stage0_oneview_steps: int = 250  # curriculum phase 1: read cells of one view (0: skip)
     stage0_steps: int = 300  # phase 2: read cells by view address among all views
@@ -330,11 +334,12 @@ def one_view_reads(src: Path, dst: Path) -> Path:
 
 
 def pretrain_vision(model_dir: Path, world_dir: Path, out: Path, steps: int, batch_size: int, lr: float, seed: int,
-                    progress: bool = True) -> dict[str, Any]:
+                    progress: bool = True, position_heads: bool = False) -> dict[str, Any]:
     """Pretrain the MLLM's own vision tower (merger included) with dense per-token labels, like the perception
-    teacher: each merged visual token (one per cell) predicts presence, shape, colour, size, row, column and
-    view through linear heads that are then dropped. Stands in for the pretrained ViT every real MLLM starts
-    from; the language model is untouched. Returns per-label training accuracy of the last steps."""
+    teacher: each merged visual token (one per cell) predicts presence, shape, colour and size (and, with
+    ``position_heads``, its row, column and view) through linear heads that are then dropped. Stands in for the
+    pretrained ViT every real MLLM starts from; the language model is untouched, and finds a cell through the
+    visual tokens' M-RoPE positions. Returns per-label training accuracy of the last steps."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -359,7 +364,9 @@ def pretrain_vision(model_dir: Path, world_dir: Path, out: Path, steps: int, bat
     views = torch.tensor([int(Path(p).stem.rsplit("_v", 1)[1]) for p in paths])
     n_views = int(views.max()) + 1
     cell = torch.arange(g * g)
-    classes = {"present": 2, "shape": 5, "colour": 6, "size": 2, "row": g, "col": g, "view": n_views}
+    classes = {"present": 2, "shape": 5, "colour": 6, "size": 2}
+    if position_heads:
+        classes.update(row=g, col=g, view=n_views)
     torch.manual_seed(seed)
     heads = torch.nn.ModuleDict({k: torch.nn.Linear(bb.hidden_size, n) for k, n in classes.items()})
     tower = loaded.model.model.visual
@@ -465,21 +472,14 @@ def first_step_address_accuracy(loaded: Any, records_file: Path, n: int = 128, b
 def cache_mean_feature_loss(cache_root: Path, limit: int = 2000) -> dict[str, float]:
     """Per teacher under a feature-cache directory: the alignment loss of always predicting the mean teacher
     feature (:func:`valr.align.mean_feature_loss`) over up to ``limit`` cached images. Empty if no cache."""
-    from safetensors.torch import load_file
-
     from valr.align import mean_feature_loss
+    from valr.teachers import sample_cached_features
 
     out = {}
     for tdir in sorted(p for p in cache_root.glob("*") if p.is_dir()):
-        feats = []
-        for shard in sorted(tdir.glob("shard-*.safetensors")):
-            feats += list(load_file(shard).values())
-            if len(feats) >= limit:
-                break
-        if feats:
-            import torch
-
-            out[tdir.name] = mean_feature_loss(torch.cat([f.reshape(-1, f.shape[-1]) for f in feats[:limit]]))
+        feats = sample_cached_features(tdir, limit)
+        if len(feats):
+            out[tdir.name] = mean_feature_loss(feats)
     return out
 
 
@@ -1007,13 +1007,16 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
     def do_vision(d: Path):
         base = build_base(c, wdir, d / "base")
         res = pretrain_vision(base, wdir, d / "model", c.vision_steps, c.stage0_batch_size, c.vision_lr, c.seed,
-                              progress)
+                              progress, position_heads=c.vision_position_heads)
         shutil.rmtree(base)
         return res
 
     training: dict[str, Any] = {}
-    vision = st.run("vision", {"world": st.fps["world"], "model": model_key, "steps": c.vision_steps,
-                               "lr": c.vision_lr, "batch": c.stage0_batch_size}, do_vision)
+    vision_key = {"world": st.fps["world"], "model": model_key, "steps": c.vision_steps, "lr": c.vision_lr,
+                  "batch": c.stage0_batch_size}
+    if not c.vision_position_heads:  # absent when on, so stages cached before the option existed stay valid
+        vision_key["heads"] = "objects"
+    vision = st.run("vision", vision_key, do_vision)
 
     # stage 0 is a curriculum: first reading cells of a single view (16 candidate tokens), then by view address
     # among all views; straight to all views the reading stays near blind much longer (docs/results.md)
