@@ -61,15 +61,17 @@ def test_read_records_read_real_cells_of_training_scenes(world):
     for r in recs:
         assert all(p.parent.name == "train" for p in r.images)  # training scenes only
         assert r.answer == str(len(r.steps)) and len(r.steps) >= 1
-        if len(r.images) == 1:  # one view: "row R col C: size colour shape"
+        assert [s.text.split()[0] for s in r.steps] == [f"#{i + 1}" for i in range(len(r.steps))]
+        assert r.question.startswith("read #1 ")
+        if len(r.images) == 1:  # one view: "#i row R col C: size colour shape"
             kinds.add("one")
-            assert all(s.text.startswith("row ") for s in r.steps)
+            assert all(s.text.split()[1] == "row" for s in r.steps)
         else:  # all views, the CoT's lookup format, checked against the scene
             kinds.add("all")
             scene = scene_from_labels(labels, r, world)
             for s in r.steps:
                 head, said = s.text.split(": ")
-                _, v, _, row, _, col = head.split()
+                _, _, v, _, row, _, col = head.split()
                 assert scene.obj(int(v) - 1, int(row) - 1, int(col) - 1).describe() == said
                 assert s.target.image_index == int(v) - 1
     assert kinds == {"one", "all"}

@@ -99,7 +99,7 @@ def test_chase_distractors_include_wrong_view_answers() -> None:
             continue
         total += 1
         kind, view = re.findall(r"(colour|shape|cell) view (\d)", q.text.split("\n")[1])[-1]
-        prev = re.match(r"view (\d) row (\d) col (\d): (\w+) (\w+) (\w+)", q.steps[-2].text)
+        prev = re.match(r"#\d+ view (\d) row (\d) col (\d): (\w+) (\w+) (\w+)", q.steps[-2].text)
         assert prev
         for w in range(scene.n_views):
             if w == int(view) - 1:
@@ -140,6 +140,10 @@ def test_checker_catches_wrong_steps_and_targets() -> None:
     assert any("target image" in e for e in check_steps(scene, q.text, bad))
     # a step dropped
     assert check_steps(scene, q.text, steps[:-1])
+    # the right lookup under the wrong marker
+    bad = list(steps)
+    bad[1] = (steps[1][0].replace("#2 ", "#3 ", 1), steps[1][1])
+    assert any("expected #2" in e for e in check_steps(scene, q.text, bad))
     # a count step with a wrong running total
     scene, _, q = next(x for x in QUESTIONS if x[2].family == "count" and x[1] >= 2)
     steps = [(s.text, s.view) for s in q.steps]
@@ -155,17 +159,19 @@ def test_solver_refuses_ill_posed_questions() -> None:
     # a colour move into a view where that colour is not unique
     for w in range(1, scene.n_views):
         if int((scene.colour[w] == o.colour).sum()) != 1:
-            text = (f"start at view 1 row {r + 1} col {c + 1}.\nmoves: colour view {w + 1}.\n"
+            text = (f"start at #1 view 1 row {r + 1} col {c + 1}.\nmoves: #2 colour view {w + 1}.\n"
                     "what is the last object?\nA. x\nB. y\nC. z\nD. w")
-            with pytest.raises(UnsolvableQuestion):
+            with pytest.raises(UnsolvableQuestion, match="matches, need exactly one"):
                 solve(scene, text)
             break
     empty = np.argwhere(~scene.present[0])[0]
-    text = f"read view 1 row {empty[0] + 1} col {empty[1] + 1}.\nwhich colour is most common?\nA. red\nB. blue"
-    with pytest.raises(UnsolvableQuestion):
+    text = f"read #1 view 1 row {empty[0] + 1} col {empty[1] + 1}.\nwhich colour is most common?\nA. red\nB. blue"
+    with pytest.raises(UnsolvableQuestion, match="is empty"):
         solve(scene, text)
-    with pytest.raises(UnsolvableQuestion):
-        solve(scene, "count red in view 9.\nwhat is the total?")
+    with pytest.raises(UnsolvableQuestion, match="view 9 does not exist"):
+        solve(scene, "count #1 red in view 9.\nwhat is the total?")
+    with pytest.raises(UnsolvableQuestion, match="expected #2"):  # items must be numbered in order
+        solve(scene, "count #1 red in view 1, #3 blue in view 2.\nwhat is the total?")
 
 
 def test_generation_is_deterministic_per_rng_seed() -> None:

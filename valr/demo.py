@@ -281,14 +281,14 @@ def shade_views(world_dir: Path, shade: int, tint: int) -> int:
 def read_records(world_dir: Path, out_file: Path, seed: int, per_scene: int = 4, cells: int = 4,
                  split: str = "train") -> int:
     """Stage-0 records: read given cells. Per scene of ``split`` (training scenes for stage 0; validation scenes
-    for the held-out reading probe), ``per_scene`` records alternate between one view ("read row 2 col 3, ..."
-    -> "row 2 col 3: large red cube") and all views ("read view 3 row 2 col 3, ..." -> "view 3 row 2 col 3:
-    large red cube", the CoT's lookup-step format)."""
+    for the held-out reading probe), ``per_scene`` records alternate between one view ("read #1 row 2 col 3, ..."
+    -> "#1 row 2 col 3: large red cube") and all views ("read #1 view 3 row 2 col 3, ..." -> "#1 view 3 row 2 col
+    3: large red cube", the CoT's lookup-step format)."""
     import numpy as np
 
     from valr.data.records import Record, Step, StepTarget, load_records, write_records
     from valr.synth.dataset import load_labels, scene_from_labels
-    from valr.synth.questions import lookup_text
+    from valr.synth.questions import lookup_text, marker, read_line
 
     labels = load_labels(world_dir)
     scenes: dict[tuple[str, ...], Record] = {}
@@ -302,16 +302,17 @@ def read_records(world_dir: Path, out_file: Path, seed: int, per_scene: int = 4,
             if j % 2 == 0:  # one view
                 v = int(rng.integers(scene.n_views))
                 occ = scene.cells(v)
-                pick = [occ[i] for i in rng.permutation(len(occ))[:cells]]
-                q = "read " + ", ".join(f"row {r + 1} col {c + 1}" for r, c in pick) + "."
-                steps = tuple(Step(lookup_text(scene, (v, r, c)).split(" ", 2)[2], StepTarget(image_index=0))
-                              for r, c in pick)
+                pick = [(v, *occ[i]) for i in rng.permutation(len(occ))[:cells]]
+                q = read_line(pick, with_view=False)
+                steps = tuple(Step(f"{marker(i + 1)} " + lookup_text(scene, p).split(" ", 2)[2],
+                                   StepTarget(image_index=0)) for i, p in enumerate(pick))
                 images = (rec.images[v],)
             else:  # all views, addressed by view
                 occ = [(v, r, c) for v in range(scene.n_views) for r, c in scene.cells(v)]
                 pick = [occ[i] for i in rng.permutation(len(occ))[:cells]]
-                q = "read " + ", ".join(f"view {v + 1} row {r + 1} col {c + 1}" for v, r, c in pick) + "."
-                steps = tuple(Step(lookup_text(scene, p), StepTarget(image_index=p[0])) for p in pick)
+                q = read_line(pick)
+                steps = tuple(Step(lookup_text(scene, p, i + 1), StepTarget(image_index=p[0]))
+                              for i, p in enumerate(pick))
                 images = rec.images
             out.append(Record(id=f"read-{rec.meta['scene']}-{j}", question=q, steps=steps, answer=str(len(pick)),
                               images=images, meta={"family": "read", "n_steps": len(steps)}))
@@ -462,8 +463,9 @@ def first_step_address_accuracy(loaded: Any, records_file: Path, n: int = 128, b
                 if b.input_ids[j, first:first + len(head)].tolist() != head:
                     continue  # tokenised differently in context: skip rather than misalign
                 fam = str((r.meta or {}).get("family", "all"))
-                for t, tid in enumerate(head):
-                    if t > 0 and tok.decode([tid]).strip().isdigit():
+                for t, tid in enumerate(head):  # numbers after view/row/col (not the step marker's)
+                    if t > 0 and tok.decode([tid]).strip().isdigit() \
+                            and tok.decode([head[t - 1]]).strip() in ("view", "row", "col"):
                         hits[fam][0] += int(pred[j, first + t - 1] == tid)
                         hits[fam][1] += 1
     return {f: a / c for f, (a, c) in sorted(hits.items()) if c}
@@ -969,6 +971,9 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
     # 1. world
     world_key = {k: getattr(c, k) for k in ("seed", "n_train", "n_val", "n_test", "n_min", "n_max", "n_views",
                                             "cell_tint", "view_shade")}
+    from valr.synth.dataset import FORMAT_VERSION
+
+    world_key["text_format"] = FORMAT_VERSION  # a world written in an older text format is regenerated
 
     def do_world(d: Path):
         from valr.synth.dataset import make_world_dataset

@@ -36,7 +36,7 @@ from valr.data.records import Record, Step, StepTarget, write_records
 from valr.synth.questions import FAMILIES, FAMILY_KIND, LETTERS, Question, make_question, vocabulary
 from valr.synth.world import COLOURS, SHAPES, SIZES, Scene, WorldConfig, generate_scene, render_scene
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: step markers (#1, #2, ...) in questions and steps
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 MAX_NUMBER = 64  # numbers 0..MAX_NUMBER-1 get whole-word tokens (counts, running totals, coordinates)
 CHAT_TEXT = ("system", "user", "assistant", "You are a helpful assistant.")
@@ -141,7 +141,7 @@ def record_texts(records: Iterable[Record]) -> Iterable[str]:
 def tokenizer_corpus(texts: Iterable[str]) -> list[str]:
     """The world's text plus every vocabulary word (bare and space-prefixed, as BPE sees them at line start
     and mid-line), the numbers, letters and the chat template's fixed text, so each becomes one token."""
-    words = vocabulary() + [str(i) for i in range(MAX_NUMBER)] + list(CHAT_TEXT) + [".", ",", ":", "?"]
+    words = vocabulary() + [str(i) for i in range(MAX_NUMBER)] + list(CHAT_TEXT) + [".", ",", ":", "?", "#"]
     return list(texts) + words + [f"x {w}" for w in words]
 
 

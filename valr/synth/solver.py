@@ -50,9 +50,15 @@ class Solution:
 
 _OPTION = re.compile(r"^([A-Z])\. (.+)$")
 _CELL = r"view (\d+) row (\d+) col (\d+)"
-_MOVE = re.compile(r"^(colour|shape|cell) view (\d+)$")
-_LOOKUP_STEP = re.compile(rf"^{_CELL}: (\w+) (\w+) (\w+)$")
-_COUNT_STEP = re.compile(r"^view (\d+) (\w+): (\d+), total (\d+)$")
+_MOVE = re.compile(r"^#(\d+) (colour|shape|cell) view (\d+)$")
+_LOOKUP_STEP = re.compile(rf"^#(\d+) {_CELL}: (\w+) (\w+) (\w+)$")
+_COUNT_STEP = re.compile(r"^#(\d+) view (\d+) (\w+): (\d+), total (\d+)$")
+
+
+def _numbered(found: str, expected: int, what: str) -> None:
+    """Items and steps carry markers #1, #2, ... in order; anything else is malformed."""
+    if int(found) != expected:
+        raise UnsolvableQuestion(f"{what} is marked #{found}, expected #{expected}")
 _QUADRANT_NAMES = ("top left", "top right", "bottom left", "bottom right")
 
 
@@ -109,11 +115,12 @@ def _run_moves(scene: Scene, v: int, r: int, c: int, moves_line: str) -> list[tu
     path = [(v, r, c)]
     if body == "none":
         return path
-    for part in body.split(", "):
+    for i, part in enumerate(body.split(", ")):
         m = _MOVE.match(part)
         if not m:
             raise UnsolvableQuestion(f"bad move {part!r}")
-        kind, w = m.group(1), _view(scene, m.group(2))
+        _numbered(m.group(1), i + 2, f"move {part!r}")
+        kind, w = m.group(2), _view(scene, m.group(3))
         _describe(scene, v, r, c)  # the current cell must hold an object
         if kind == "cell":
             _describe(scene, w, r, c)
@@ -127,7 +134,7 @@ def _run_moves(scene: Scene, v: int, r: int, c: int, moves_line: str) -> list[tu
 
 
 def _solve_chase(scene: Scene, lines: list[str]) -> Solution:
-    m = re.fullmatch(rf"start at {_CELL}\.", lines[0])
+    m = re.fullmatch(rf"start at #1 {_CELL}\.", lines[0])
     if not m or lines[2] != "what is the last object?":
         raise UnsolvableQuestion("not a chase question")
     v, r, c = _view(scene, m.group(1)), _coord(scene, m.group(2)), _coord(scene, m.group(3))
@@ -138,7 +145,7 @@ def _solve_chase(scene: Scene, lines: list[str]) -> Solution:
 
 
 def _solve_where(scene: Scene, lines: list[str]) -> Solution:
-    m = re.fullmatch(r"start at the (\w+) (\w+) in view (\d+)\.", lines[0])
+    m = re.fullmatch(r"start at #1 the (\w+) (\w+) in view (\d+)\.", lines[0])
     if not m or lines[2] != "where is the last object?":
         raise UnsolvableQuestion("not a where question")
     if m.group(1) not in COLOURS or m.group(2) not in SHAPES:
@@ -166,13 +173,14 @@ def _solve_count(scene: Scene, lines: list[str]) -> Solution:
             or not lines[0].endswith("."):
         raise UnsolvableQuestion("not a count question")
     total, trace = 0, []
-    for part in lines[0][len("count "):-1].split(", "):
-        m = re.fullmatch(r"(\w+) in view (\d+)", part)
+    for i, part in enumerate(lines[0][len("count "):-1].split(", ")):
+        m = re.fullmatch(r"#(\d+) (\w+) in view (\d+)", part)
         if not m:
             raise UnsolvableQuestion(f"bad count term {part!r}")
-        v = _view(scene, m.group(2))
-        total += _attribute_count(scene, v, m.group(1))
-        trace.append(Expected(v, word=m.group(1), total=total))
+        _numbered(m.group(1), i + 1, f"count term {part!r}")
+        v = _view(scene, m.group(3))
+        total += _attribute_count(scene, v, m.group(2))
+        trace.append(Expected(v, word=m.group(2), total=total))
     return Solution("count", str(total), str(total), tuple(trace))
 
 
@@ -181,11 +189,12 @@ def _solve_tally(scene: Scene, lines: list[str]) -> Solution:
             or not lines[0].endswith("."):
         raise UnsolvableQuestion("not a tally question")
     trace, colours = [], []
-    for part in lines[0][len("read "):-1].split(", "):
-        m = re.fullmatch(_CELL, part)
+    for i, part in enumerate(lines[0][len("read "):-1].split(", ")):
+        m = re.fullmatch(rf"#(\d+) {_CELL}", part)
         if not m:
             raise UnsolvableQuestion(f"bad cell {part!r}")
-        v, r, c = _view(scene, m.group(1)), _coord(scene, m.group(2)), _coord(scene, m.group(3))
+        _numbered(m.group(1), i + 1, f"cell {part!r}")
+        v, r, c = _view(scene, m.group(2)), _coord(scene, m.group(3)), _coord(scene, m.group(4))
         _describe(scene, v, r, c)
         colours.append(COLOURS[scene.colour[v, r, c]])
         trace.append(Expected(v, r, c))
@@ -200,9 +209,9 @@ def solve(scene: Scene, question: str) -> Solution:
     """Answer ``question`` from the world model alone; raises UnsolvableQuestion if it is ill-posed."""
     lines = question.split("\n")
     head = lines[0]
-    if head.startswith("start at view") and len(lines) >= 3:
+    if head.startswith("start at #1 view") and len(lines) >= 3:
         return _solve_chase(scene, lines)
-    if head.startswith("start at the") and len(lines) >= 3:
+    if head.startswith("start at #1 the") and len(lines) >= 3:
         return _solve_where(scene, lines)
     if head.startswith("count "):
         return _solve_count(scene, lines)
@@ -233,12 +242,14 @@ def check_steps(scene: Scene, question: str, steps: Sequence[tuple[str, int | No
             if not m:
                 errors.append(f"{where}: not a lookup step")
                 continue
-            v, r, c = int(m.group(1)) - 1, int(m.group(2)) - 1, int(m.group(3)) - 1
+            if int(m.group(1)) != i + 1:
+                errors.append(f"{where}: marked #{m.group(1)}, expected #{i + 1}")
+            v, r, c = int(m.group(2)) - 1, int(m.group(3)) - 1, int(m.group(4)) - 1
             if (v, r, c) != (exp.view, exp.row, exp.col):
                 errors.append(f"{where}: looks at the wrong cell, expected view {exp.view + 1} row "
                               f"{exp.row + 1} col {exp.col + 1}")
                 continue
-            said = " ".join(m.group(4, 5, 6))
+            said = " ".join(m.group(5, 6, 7))
             if said != _describe(scene, v, r, c):
                 errors.append(f"{where}: the cell holds {_describe(scene, v, r, c)!r}")
         else:
@@ -246,7 +257,9 @@ def check_steps(scene: Scene, question: str, steps: Sequence[tuple[str, int | No
             if not m:
                 errors.append(f"{where}: not a count step")
                 continue
-            v, word, n, total = int(m.group(1)) - 1, m.group(2), int(m.group(3)), int(m.group(4))
+            if int(m.group(1)) != i + 1:
+                errors.append(f"{where}: marked #{m.group(1)}, expected #{i + 1}")
+            v, word, n, total = int(m.group(2)) - 1, m.group(3), int(m.group(4)), int(m.group(5))
             if (v, word) != (exp.view, exp.word):
                 errors.append(f"{where}: counts the wrong thing, expected {exp.word} in view {exp.view + 1}")
                 continue
