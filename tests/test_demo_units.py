@@ -192,7 +192,8 @@ def test_demo_overrides_change_the_recipe_and_reject_bad_keys():
                              "data_fraction=0", "eval_limit=100"])
     assert (c.stage0_steps, c.stage2_lr, c.teacher.steps, c.test_ks, c.data_fraction, c.eval_limit) == (
         600, 0.002, 50, (1, 4), 0.0, 100)
-    assert isinstance(c.data_fraction, float) and base.stage0_steps == 300  # the original is untouched
+    assert isinstance(c.data_fraction, float)
+    assert base.stage0_steps == DemoConfig().stage0_steps != 600  # the original is untouched
     for bad, words in [("stage0_stepz=3", "unknown key"), ("stage0_steps=abc", "expected int"),
                        ("valr_m=1", "expected bool"), ("teacher.stepz=1", "unknown key"), ("seed=3", "--seed"),
                        ("stage0_steps", "key=value")]:

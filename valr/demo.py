@@ -94,13 +94,15 @@ class DemoConfig:
     # vision-tower pretraining (dense per-token labels) and stage 0 (reading cells by address)
     vision_steps: int = 100
     vision_lr: float = 2e-3
-    # also train row/col/view heads on the vision tower: makes the address 74% of the visual tokens' variance and
-    # slowed reading by address (37% vs 51% object words after 300 steps, docs/results.md); the 3-seed study of
-    # 2026-11-27 ran with it on
-    vision_position_heads: bool = False
+    # also train row/col/view heads on the vision tower, so a visual token's features say where it is (74% of
+    # their variance; without them 0.7%). Without them reading by address starts faster (51% vs 37% of object
+    # words after 300 steps), but a step that *finds* an object by colour or shape must then write the cell it
+    # found, which only the token's features can tell; with them a 500 + 600 step stage 0 read 99.6%
+    vision_position_heads: bool = True
     stage0_batch_size: int = 32
-    stage0_oneview_steps: int = 250  # curriculum phase 1: read cells of one view (0: skip)
-    stage0_steps: int = 300  # phase 2: read cells by view address among all views
+    stage0_oneview_steps: int = 400  # curriculum phase 1: read cells of one view (0: skip)
+    stage0_steps: int = 500  # phase 2: read cells by view address among all views (reading jumped to ~100% after
+    # ~400 steps of this phase in a development run; at 300 it had not: docs/results.md)
     stage0_lr: float = 1e-3
     # CoT training (optimizer steps; stages 1 and 2 use the same batch size)
     batch_size: int = 16
@@ -1019,7 +1021,7 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
     training: dict[str, Any] = {}
     vision_key = {"world": st.fps["world"], "model": model_key, "steps": c.vision_steps, "lr": c.vision_lr,
                   "batch": c.stage0_batch_size}
-    if not c.vision_position_heads:  # absent when on, so stages cached before the option existed stay valid
+    if not c.vision_position_heads:  # absent when on, as before the option existed
         vision_key["heads"] = "objects"
     vision = st.run("vision", vision_key, do_vision)
 
