@@ -57,9 +57,10 @@ def test_demo_quick_writes_documented_files(tmp_path):
     # the held-out reading probe covers every stage up to the variants, own and swapped images
     assert {"vision", "stage0_one_view", "stage0", "stage1", "sft", "valr_s"} <= set(res["reading"])
     for name, probe in res["reading"].items():
-        numbers = probe.pop("first_step_numbers", None)
-        assert (numbers is not None) == (name in ("stage1", "sft", "latent_no_align", "valr_s")), name
-        assert numbers is None or all(_frac(a) for a in numbers.values())
+        tokens = probe.pop("step_tokens", None)
+        assert (tokens is not None) == (name in ("stage1", "sft", "latent_no_align", "valr_s")), name
+        assert tokens is None or ({"chase/first_view", "chase/first_cell", "chase/first_object"} <= set(tokens)
+                                  and all(_frac(a) for a in tokens.values()))
         assert set(probe) == {"one_view", "all_views", "one_view_swapped_images", "all_views_swapped_images"}
         assert all(_frac(a) for a in probe.values())
     assert res["targets"] == {}  # quick mode makes no accuracy claims

@@ -150,7 +150,7 @@ def test_summarize_means_over_seeds():
                                          "0.25": {"accuracy": a, "accuracy_by_n": {"1": a}}}
         return {"seed": seed, "config": {"n_max": 2}, "variants": vs, "targets": {}, "stage_seconds": {"x": 1.0},
                 "total_seconds": 10.0, "reading": {"stage0": {"all_views": a, "one_view": 2 * a},
-                                                   "sft": {"first_step_numbers": {"chase": a}}}}
+                                                   "sft": {"step_tokens": {"chase/first_view": a}}}}
 
     s = summarize({"0": run(0, 0.4), "1": run(1, 0.6)}, "valr demo --seeds 0,1")
     assert s["seeds"] == [0, 1]
@@ -161,7 +161,7 @@ def test_summarize_means_over_seeds():
     assert "no_align_within_2pts_of_sft" in s["targets_on_means"]
     assert set(s["runs"]) == {"0", "1"}
     assert s["reading_mean"]["stage0"] == pytest.approx({"all_views": 0.5, "one_view": 1.0})
-    assert s["reading_mean"]["sft"]["first_step_numbers"] == pytest.approx({"chase": 0.5})
+    assert s["reading_mean"]["sft"]["step_tokens"] == pytest.approx({"chase/first_view": 0.5})
 
 
 def test_one_view_reads_keep_single_view_records_with_valid_paths(world, tmp_path):
@@ -199,3 +199,15 @@ def test_demo_overrides_change_the_recipe_and_reject_bad_keys():
                        ("stage0_steps", "key=value")]:
         with pytest.raises(ConfigError, match=words):
             base.with_overrides([bad])
+
+
+def test_token_role_names_what_each_chain_token_carries():
+    from valr.demo import token_role
+
+    objects = {"large", "red", "cube"}
+    words = "#2 view 3 row 1 col 4 : large red cube".split()  # the marker's digit carries nothing
+    assert [token_role(p, w, objects) for p, w in zip(words, words[1:], strict=False)] == [
+        None, "view", None, "cell", None, "cell", None, "object", "object", "object"]
+    count = "#1 view 2 red : 3 , total 5".split()
+    assert [token_role(p, w, objects) for p, w in zip(count, count[1:], strict=False)] == [
+        None, "view", "object", None, "count", None, None, "count"]

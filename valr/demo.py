@@ -440,37 +440,63 @@ def reading_accuracy(loaded: Any, records_file: Path, batch: int = 32) -> dict[s
     return out
 
 
-def first_step_address_accuracy(loaded: Any, records_file: Path, n: int = 128, batch: int = 32,
-                                ) -> dict[str, float]:
-    """Teacher-forced accuracy of the numbers in the first step's head ("view 2 row 2 col 1", "view 2 yellow"),
-    per question family. For chase, count and tally they are copied from the question; for where they come from
-    finding the named object. Only the number tokens count (the words around them are trivially predictable)."""
+STEP_ROLES = ("view", "cell", "object", "count")
+
+
+def token_role(prev: str, word: str, objects: set[str]) -> str | None:
+    """What a step token carries: the number after ``view`` (which view to look at), after ``row``/``col`` (which
+    cell), an object word (what was seen), a count or running total; None for the rest (markers, fixed words)."""
+    if word.isdigit():
+        if prev == "view":
+            return "view"
+        if prev in ("row", "col"):
+            return "cell"
+        if prev in (":", "total"):
+            return "count"
+        return None
+    return "object" if word in objects else None
+
+
+def step_token_accuracy(loaded: Any, records_file: Path, n: int = 128, batch: int = 32) -> dict[str, float]:
+    """Teacher-forced accuracy of chain tokens by role (:data:`STEP_ROLES`), in the first step and in later steps,
+    per question family, e.g. ``{"chase/first_view": 0.9, "chase/later_cell": 0.4, ...}``. Localises a chain's
+    failure: a first step's view and cell come from the question (copying), later ones from an instruction found
+    by its marker and, for chase/where, from the object found in that view (naming its cell); object words are
+    reading. The answer is not included (the evaluation scores it)."""
     import torch
 
     from valr.data import LayoutConfig, load_records, make_batch
     from valr.data.layout import IGNORE
     from valr.engine import forward_plain
+    from valr.synth.world import COLOURS, SHAPES, SIZES
 
     bb, tok = loaded.backbone, loaded.tokenizer
+    objects = {*SIZES, *COLOURS, *SHAPES}
+    lay = LayoutConfig(k=0)
     recs = load_records(records_file)[:n]
     hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     with torch.no_grad():
         for i in range(0, len(recs), batch):
             rs = recs[i:i + batch]
-            b = make_batch(rs, tok, bb, LayoutConfig(k=0))
+            b = make_batch(rs, tok, bb, lay)
             pred = bb.logits(forward_plain(bb, b).hidden).argmax(-1)
             for j, r in enumerate(rs):
-                first = int((b.labels[j] != IGNORE).nonzero()[0])  # the response's first token
-                head = tok(r.steps[0].text.split(":")[0], add_special_tokens=False)["input_ids"]
-                if b.input_ids[j, first:first + len(head)].tolist() != head:
-                    continue  # tokenised differently in context: skip rather than misalign
+                pos = int((b.labels[j] != IGNORE).nonzero()[0])  # the response's first token
                 fam = str((r.meta or {}).get("family", "all"))
-                for t, tid in enumerate(head):  # numbers after view/row/col (not the step marker's)
-                    if t > 0 and tok.decode([tid]).strip().isdigit() \
-                            and tok.decode([head[t - 1]]).strip() in ("view", "row", "col"):
-                        hits[fam][0] += int(pred[j, first + t - 1] == tid)
-                        hits[fam][1] += 1
-    return {f: a / c for f, (a, c) in sorted(hits.items()) if c}
+                for k, step in enumerate(r.steps):  # laid out exactly as the layout does: each step on its own
+                    piece = tok(step.text.rstrip(lay.step_delimiter) + lay.step_delimiter,
+                                add_special_tokens=False)["input_ids"]
+                    if b.input_ids[j, pos:pos + len(piece)].tolist() != piece:
+                        raise ValueError(f"record {r.id}: step {k + 1} is not where the layout puts it")
+                    words = [tok.decode([t]).strip() for t in piece]
+                    for t in range(1, len(piece)):
+                        role = token_role(words[t - 1], words[t], objects)
+                        if role:
+                            key = f"{fam}/{'first' if k == 0 else 'later'}_{role}"
+                            hits[key][0] += int(pred[j, pos + t - 1] == piece[t])
+                            hits[key][1] += 1
+                    pos += len(piece)
+    return {key: a / c for key, (a, c) in sorted(hits.items()) if c}
 
 
 def cache_mean_feature_loss(cache_root: Path, limit: int = 2000) -> dict[str, float]:
@@ -1124,12 +1150,11 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
         for n in names:
             loaded = load_checkpoint(ckpts[n])
             res[n] = reading_accuracy(loaded, probe)
-            if n in ("stage1", "sft", "latent_no_align", "valr_s"):  # do CoT models copy the first step's address?
-                res[n]["first_step_numbers"] = first_step_address_accuracy(loaded, wdir / "val.jsonl",
-                                                                           n=min(128, c.n_val))
+            if n in ("stage1", "sft", "latent_no_align", "valr_s"):  # where do chains go wrong?
+                res[n]["step_tokens"] = step_token_accuracy(loaded, wdir / "val.jsonl", n=min(128, c.n_val))
         return res
 
-    reading = st.run("eval/reading", {"up": [st.fps[n] for n in st.fps if not n.startswith("eval/")], "v": 2},
+    reading = st.run("eval/reading", {"up": [st.fps[n] for n in st.fps if not n.startswith("eval/")], "v": 3},
                      do_reading)
 
     # 7. results
