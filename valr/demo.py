@@ -104,6 +104,12 @@ class DemoConfig:
     stage0_steps: int = 500  # phase 2: read cells by view address among all views (reading jumped to ~100% after
     # ~400 steps of this phase in a development run; at 300 it had not: docs/results.md)
     stage0_lr: float = 1e-3
+    # stage 0 runs to competence: while the held-out reading probe (object words, all views, validation scenes) is
+    # below the target, train stage0_extra_steps more all-view steps, at most stage0_max_extensions times (the
+    # reading transition came between steps ~250 and >500 of the all-view phase depending on the seed)
+    stage0_read_target: float = 0.9
+    stage0_extra_steps: int = 100
+    stage0_max_extensions: int = 2
     # CoT training (optimizer steps; stages 1 and 2 use the same batch size)
     batch_size: int = 16
     stage1_steps: int = 400
@@ -137,7 +143,8 @@ class DemoConfig:
         return cls(seed=seed, quick=True, n_train=48, n_val=8, n_test=16, n_max=3, hidden=64, heads=4, kv_heads=2,
                    intermediate=128, vision_hidden=32, vision_heads=2,
                    teacher=TeacherTrainConfig(hidden=32, layers=1, heads=2, steps=8, batch_size=16),
-                   vision_steps=4, stage0_batch_size=8, stage0_oneview_steps=3, stage0_steps=4, batch_size=8,
+                   vision_steps=4, stage0_batch_size=8, stage0_oneview_steps=3, stage0_steps=4, stage0_extra_steps=2,
+                   stage0_max_extensions=1, batch_size=8,
                    stage1_steps=4,
                    stage2_steps=3, num_workers=0, projector_width=32, valr_m=True, data_fraction=0.25,
                    eval_batch_size=16,
@@ -982,6 +989,38 @@ def _machine() -> str:
             f"({torch.get_num_threads()} threads), python {platform.python_version()}")
 
 
+def reading_to_target(c: DemoConfig, st: Stages, training: dict[str, Any], wdir: Path, progress: bool
+                      ) -> tuple[str, list[dict[str, Any]]]:
+    """Extend stage 0 until the held-out reading probe (all views) reaches ``c.stage0_read_target``: each check and
+    each extension of ``c.stage0_extra_steps`` all-view steps is its own cached stage. Returns the name of the
+    last stage-0 stage (whose checkpoint stage 1 starts from) and the checks made."""
+    from valr.checkpoint import load_checkpoint
+
+    last, checks = "stage0", []
+    for i in range(c.stage0_max_extensions + 1):
+        def check(d: Path, ckpt=Path(training[last]["checkpoint"])):
+            probe = d / "read_val.jsonl"
+            read_records(wdir, probe, c.seed, split="val")
+            return reading_accuracy(load_checkpoint(ckpt), probe)
+
+        result = st.run(f"stage0_check{i}", {"up": st.fps[last], "v": 1}, check)
+        checks.append({"after": last, **result})
+        if result["all_views"] >= c.stage0_read_target or i == c.stage0_max_extensions:
+            break
+        _log(f"reading {result['all_views']:.1%} < target {c.stage0_read_target:.0%}: "
+             f"{c.stage0_extra_steps} more stage-0 steps")
+
+        def more(d: Path, ckpt=Path(training[last]["checkpoint"])):
+            return _train(c, d, model=ckpt, data=wdir / "read.jsonl", stage=1, steps=c.stage0_extra_steps,
+                          lr=c.stage0_lr, batch_size=c.stage0_batch_size, progress=progress)
+
+        name = f"stage0_more{i + 1}"
+        training[name] = st.run(name, {"up": st.fps[last], "steps": c.stage0_extra_steps, "lr": c.stage0_lr,
+                                       "batch": c.stage0_batch_size}, more)
+        last = name
+    return last, checks
+
+
 def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfig | None = None,
              progress: bool = True, scale: float = 1.0, overrides: list[str] = ()) -> dict[str, Any]:
     """Run (or resume) the whole demo into ``out``; returns the results object (also ``out/results.json``).
@@ -1072,12 +1111,13 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
 
     training["stage0"] = st.run("stage0", {"up": st.fps[up], "steps": c.stage0_steps, "lr": c.stage0_lr,
                                            "batch": c.stage0_batch_size}, do_stage0)
+    stage0_final, stage0_checks = reading_to_target(c, st, training, wdir, progress)
 
     def stage1(name: str, fraction: float):
         def fn(d: Path):
-            return _train(c, d, model=Path(training["stage0"]["checkpoint"]), data=wdir / "train.jsonl", stage=1,
-                          steps=c.stage1_steps, lr=c.stage1_lr, data_fraction=fraction, progress=progress)
-        training[name] = st.run(name, {"up": st.fps["stage0"], "steps": c.stage1_steps, "lr": c.stage1_lr,
+            return _train(c, d, model=Path(training[stage0_final]["checkpoint"]), data=wdir / "train.jsonl",
+                          stage=1, steps=c.stage1_steps, lr=c.stage1_lr, data_fraction=fraction, progress=progress)
+        training[name] = st.run(name, {"up": st.fps[stage0_final], "steps": c.stage1_steps, "lr": c.stage1_lr,
                                        "fraction": fraction}, fn)
 
     # 4. stage 1 (CoT SFT)
@@ -1197,6 +1237,7 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
         "training": {k: {kk: vv for kk, vv in t.items() if kk != "checkpoint"} for k, t in training.items()},
         "variants": variants,
         "reading": reading,
+        "stage0_reading_checks": stage0_checks,
         "accuracy_by_length": lrep,
         "stage_seconds": {k: round(s, 1) for k, s in st.seconds.items()},
         "reused_stages": st.reused,
