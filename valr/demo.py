@@ -51,6 +51,7 @@ import shutil
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,8 +193,7 @@ class DemoConfig:
                 data[f.name] = float(value)
         data["teacher"] = build_dataclass(TeacherTrainConfig, data["teacher"], "demo override teacher")
         data["test_ks"] = tuple(data["test_ks"])
-        new = build_dataclass(DemoConfig, data, "demo overrides")
-        return new
+        return build_dataclass(DemoConfig, data, "demo overrides")
 
 
 # ------------------------------------------------------------------------------------------------- stages
@@ -1010,15 +1010,25 @@ def reading_to_target(c: DemoConfig, st: Stages, training: dict[str, Any], wdir:
         _log(f"reading {result['all_views']:.1%} < target {c.stage0_read_target:.0%}: "
              f"{c.stage0_extra_steps} more stage-0 steps")
 
-        def more(d: Path, ckpt=Path(training[last]["checkpoint"])):
-            return _train(c, d, model=ckpt, data=wdir / "read.jsonl", stage=1, steps=c.stage0_extra_steps,
-                          lr=c.stage0_lr, batch_size=c.stage0_batch_size, progress=progress)
-
         name = f"stage0_more{i + 1}"
-        training[name] = st.run(name, {"up": st.fps[last], "steps": c.stage0_extra_steps, "lr": c.stage0_lr,
-                                       "batch": c.stage0_batch_size}, more)
+        reading_stage(c, st, training, name, last, Path(training[last]["checkpoint"]), c.stage0_extra_steps,
+                      wdir / "read.jsonl", progress)
         last = name
     return last, checks
+
+
+def reading_stage(c: DemoConfig, st: Stages, training: dict[str, Any], name: str, up: str, model: Path,
+                  steps: int, data: Path | Callable[[Path], Path], progress: bool) -> Path:
+    """One cached stage-0 stage: ``steps`` steps on read records (``data``, or a function of the stage directory
+    that writes them) from ``model`` (the checkpoint of stage ``up``), at stage 0's learning rate and batch.
+    Records its result in ``training[name]`` and returns its checkpoint."""
+    def fn(d: Path):
+        return _train(c, d, model=model, data=data(d) if callable(data) else data, stage=1, steps=steps,
+                      lr=c.stage0_lr, batch_size=c.stage0_batch_size, progress=progress)
+
+    training[name] = st.run(name, {"up": st.fps[up], "steps": steps, "lr": c.stage0_lr,
+                                   "batch": c.stage0_batch_size}, fn)
+    return Path(training[name]["checkpoint"])
 
 
 def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfig | None = None,
@@ -1094,23 +1104,10 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
     # among all views; straight to all views the reading stays near blind much longer (docs/results.md)
     start, up = Path(vision["checkpoint"]), "vision"
     if c.stage0_oneview_steps > 0:
-        def do_stage0_one(d: Path):
-            data = one_view_reads(wdir / "read.jsonl", d / "read_one_view.jsonl")
-            return _train(c, d, model=start, data=data, stage=1, steps=c.stage0_oneview_steps, lr=c.stage0_lr,
-                          batch_size=c.stage0_batch_size, progress=progress)
-
-        training["stage0_one_view"] = st.run("stage0_one_view", {"up": st.fps["vision"],
-                                                                 "steps": c.stage0_oneview_steps,
-                                                                 "lr": c.stage0_lr, "batch": c.stage0_batch_size},
-                                             do_stage0_one)
-        start, up = Path(training["stage0_one_view"]["checkpoint"]), "stage0_one_view"
-
-    def do_stage0(d: Path):
-        return _train(c, d, model=start, data=wdir / "read.jsonl", stage=1,
-                      steps=c.stage0_steps, lr=c.stage0_lr, batch_size=c.stage0_batch_size, progress=progress)
-
-    training["stage0"] = st.run("stage0", {"up": st.fps[up], "steps": c.stage0_steps, "lr": c.stage0_lr,
-                                           "batch": c.stage0_batch_size}, do_stage0)
+        start = reading_stage(c, st, training, "stage0_one_view", up, start, c.stage0_oneview_steps,
+                              lambda d: one_view_reads(wdir / "read.jsonl", d / "read_one_view.jsonl"), progress)
+        up = "stage0_one_view"
+    reading_stage(c, st, training, "stage0", up, start, c.stage0_steps, wdir / "read.jsonl", progress)
     stage0_final, stage0_checks = reading_to_target(c, st, training, wdir, progress)
 
     def stage1(name: str, fraction: float):
