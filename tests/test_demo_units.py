@@ -164,6 +164,17 @@ def test_summarize_means_over_seeds():
     assert s["reading_mean"]["sft"]["step_tokens"] == pytest.approx({"chase/first_view": 0.5})
 
 
+def test_read_records_vary_their_length_so_no_item_sits_at_a_fixed_distance(world):
+    from valr.data import load_records
+
+    f = world / "read_len_test.jsonl"
+    read_records(world, f, seed=0, per_scene=8, cells=(2, 5))
+    lengths = [len(r.steps) for r in load_records(f) if len(r.images) > 1]
+    assert set(lengths) == {2, 3, 4, 5}  # every length of the range, and only those
+    with pytest.raises(ValueError, match="cells"):
+        read_records(world, f, seed=0, cells=(3, 2))
+
+
 def test_one_view_reads_keep_single_view_records_with_valid_paths(world, tmp_path):
     from valr.data import load_records
     from valr.demo import one_view_reads
