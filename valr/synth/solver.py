@@ -237,13 +237,14 @@ def check_steps(scene: Scene, question: str, steps: Sequence[tuple[str, int | No
         errors.append(f"chain has {len(steps)} steps, the question needs {len(sol.trace)}")
     for i, ((text, target), exp) in enumerate(zip(steps, sol.trace, strict=False)):
         where = f"step {i + 1} ({text!r})"
-        if exp.row is not None:
-            m = _LOOKUP_STEP.match(text)
-            if not m:
-                errors.append(f"{where}: not a lookup step")
-                continue
-            if int(m.group(1)) != i + 1:
-                errors.append(f"{where}: marked #{m.group(1)}, expected #{i + 1}")
+        lookup = exp.row is not None
+        m = (_LOOKUP_STEP if lookup else _COUNT_STEP).match(text)
+        if not m:
+            errors.append(f"{where}: not a {'lookup' if lookup else 'count'} step")
+            continue
+        if int(m.group(1)) != i + 1:
+            errors.append(f"{where}: marked #{m.group(1)}, expected #{i + 1}")
+        if lookup:
             v, r, c = int(m.group(2)) - 1, int(m.group(3)) - 1, int(m.group(4)) - 1
             if (v, r, c) != (exp.view, exp.row, exp.col):
                 errors.append(f"{where}: looks at the wrong cell, expected view {exp.view + 1} row "
@@ -253,12 +254,6 @@ def check_steps(scene: Scene, question: str, steps: Sequence[tuple[str, int | No
             if said != _describe(scene, v, r, c):
                 errors.append(f"{where}: the cell holds {_describe(scene, v, r, c)!r}")
         else:
-            m = _COUNT_STEP.match(text)
-            if not m:
-                errors.append(f"{where}: not a count step")
-                continue
-            if int(m.group(1)) != i + 1:
-                errors.append(f"{where}: marked #{m.group(1)}, expected #{i + 1}")
             v, word, n, total = int(m.group(2)) - 1, m.group(3), int(m.group(4)), int(m.group(5))
             if (v, word) != (exp.view, exp.word):
                 errors.append(f"{where}: counts the wrong thing, expected {exp.word} in view {exp.view + 1}")
