@@ -175,6 +175,51 @@ def test_read_records_vary_their_length_so_no_item_sits_at_a_fixed_distance(worl
         read_records(world, f, seed=0, cells=(3, 2))
 
 
+def test_find_records_name_a_unique_object_and_answer_with_its_cell(world):
+    from valr.data import load_records
+    from valr.demo import find_records
+    from valr.synth.dataset import load_labels, scene_from_labels
+
+    f = world / "find_test.jsonl"
+    assert find_records(world, f, seed=0, per_scene=3, items=(1, 4)) > 0
+    labels = load_labels(world)
+    recs = load_records(f)
+    assert {len(r.steps) for r in recs} <= {1, 2, 3, 4}
+    for r in recs:
+        scene = scene_from_labels(labels, r, world)
+        items = r.question.removeprefix("which cell: ").rstrip(".").split(", ")
+        assert len(items) == len(r.steps)
+        for i, (item, step) in enumerate(zip(items, r.steps, strict=True)):
+            marker, *words, _, _, view = item.split()
+            head, said = step.text.split(": ")
+            _, _, v, _, row, _, col = head.split()
+            assert marker == head.split()[0] == f"#{i + 1}" and v == view
+            assert set(words) <= set(said.split())  # the cell holds what the item names ...
+            v0 = int(v) - 1
+            matches = [(rr, cc) for rr, cc in scene.cells(v0)
+                       if set(words) <= set(scene.obj(v0, rr, cc).describe().split())]
+            assert matches == [(int(row) - 1, int(col) - 1)]  # ... and nothing else in that view does
+            assert step.target.image_index == v0
+    with pytest.raises(ValueError, match="items"):
+        find_records(world, f, seed=0, items=(0, 2))
+
+
+def test_stage0_find_mixes_find_records_into_the_all_view_phase(world, tmp_path):
+    import dataclasses
+
+    from valr.data import load_records
+    from valr.demo import find_records, mix_records, stage0_data
+
+    read_records(world, world / "read.jsonl", seed=0)
+    find_records(world, world / "find.jsonl", seed=0)
+    mixed = load_records(mix_records([world / "read.jsonl", world / "find.jsonl"], tmp_path / "mix.jsonl", seed=0))
+    ids = sorted(r.id for f in ("read.jsonl", "find.jsonl") for r in load_records(world / f))
+    assert sorted(r.id for r in mixed) == ids and all(p.is_file() for r in mixed for p in r.images)
+    c = DemoConfig()
+    assert stage0_data(c, world).name == "read.jsonl"
+    assert stage0_data(dataclasses.replace(c, stage0_find=True), world).name == "stage0.jsonl"
+
+
 def test_one_view_reads_keep_single_view_records_with_valid_paths(world, tmp_path):
     from valr.data import load_records
     from valr.demo import one_view_reads

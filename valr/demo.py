@@ -50,7 +50,7 @@ import re
 import shutil
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +111,11 @@ class DemoConfig:
     stage0_read_target: float = 0.9
     stage0_extra_steps: int = 100
     stage0_max_extensions: int = 2
+    # train the all-view phase and its extensions on the inverse lookup too, finding a cell by content ("which
+    # cell: #1 red in view 2" -> "#1 view 2 row 3 col 1: ..."), a third of the records. Chains need it for every
+    # colour or shape move; off because 200 mixed + 300 find-only steps left it at chance (docs/results.md). The
+    # probe (find_cells) runs either way
+    stage0_find: bool = False
     # CoT training (optimizer steps; stages 1 and 2 use the same batch size)
     batch_size: int = 16
     stage1_steps: int = 400
@@ -339,6 +344,91 @@ def read_records(world_dir: Path, out_file: Path, seed: int, per_scene: int = 4,
     return len(out)
 
 
+def find_records(world_dir: Path, out_file: Path, seed: int, per_scene: int = 2, items: tuple[int, int] = (1, 8),
+                 split: str = "train") -> int:
+    """Stage-0 records for the inverse lookup, finding a cell by content: "which cell: #1 red in view 2, #2 cube
+    in view 4, #3 red cube in view 1." -> "#1 view 2 row 3 col 1: large red cube", ... (the CoT's lookup-step
+    format). Each item names a colour, a shape or both that exactly one object of that view has; a record has a
+    random number of items in ``items``. Chains need this lookup wherever a step goes to "the object of the same
+    colour/shape in view V" or starts at a named object, and reading by address does not teach it (docs/results.md).
+    """
+    import numpy as np
+
+    from valr.data.records import Record, Step, StepTarget, load_records, write_records
+    from valr.synth.dataset import load_labels, scene_from_labels
+    from valr.synth.questions import lookup_text, marker
+    from valr.synth.world import COLOURS, SHAPES
+
+    lo, hi = items
+    if not 1 <= lo <= hi:
+        raise ValueError(f"items must be a range 1 <= lo <= hi, got {items}")
+    labels = load_labels(world_dir)
+    scenes: dict[tuple[str, ...], Record] = {}
+    for rec in load_records(world_dir / f"{split}.jsonl"):
+        scenes.setdefault(tuple(str(p) for p in rec.images), rec)
+    rng = np.random.default_rng([seed, 23])
+    out = []
+    for rec in scenes.values():
+        scene = scene_from_labels(labels, rec, world_dir)
+        findable: dict[tuple[int, int, int], list[str]] = {}  # cell -> descriptions unique in its view
+        for v in range(scene.n_views):
+            names = {}
+            for r, c in scene.cells(v):
+                o = scene.obj(v, r, c)
+                names[(v, r, c)] = (COLOURS[o.colour], SHAPES[o.shape], f"{COLOURS[o.colour]} {SHAPES[o.shape]}")
+            seen = Counter(n for ns in names.values() for n in ns)  # colour and shape words never coincide
+            findable.update({cell: [n for n in ns if seen[n] == 1] for cell, ns in names.items()
+                             if any(seen[n] == 1 for n in ns)})
+        cells = list(findable)
+        for j in range(per_scene):
+            pick = [cells[i] for i in rng.permutation(len(cells))[:int(rng.integers(lo, hi + 1))]]
+            if not pick:
+                continue
+            said = [findable[p][int(rng.integers(len(findable[p])))] for p in pick]
+            q = "which cell: " + ", ".join(f"{marker(i + 1)} {w} in view {p[0] + 1}"
+                                           for i, (p, w) in enumerate(zip(pick, said, strict=True))) + "."
+            steps = tuple(Step(lookup_text(scene, p, i + 1), StepTarget(image_index=p[0])) for i, p in enumerate(pick))
+            out.append(Record(id=f"find-{rec.meta['scene']}-{j}", question=q, steps=steps, answer=str(len(pick)),
+                              images=rec.images, meta={"family": "find", "n_steps": len(steps)}))
+    order = rng.permutation(len(out))
+    write_records([out[i] for i in order], out_file)
+    return len(out)
+
+
+def mix_records(sources: list[Path], dst: Path, seed: int) -> Path:
+    """The records of ``sources`` shuffled together into ``dst`` (image paths rewritten so they still resolve)."""
+    import numpy as np
+
+    from valr.data.records import load_records, write_records
+
+    recs = [r for src in sources for r in load_records(src)]
+    order = np.random.default_rng([seed, 29]).permutation(len(recs))
+    write_records([recs[i] for i in order], dst)
+    return dst
+
+
+def stage0_data(c: DemoConfig, wdir: Path) -> Path:
+    """The all-view phase's records: read records, plus find records when ``c.stage0_find``."""
+    return wdir / ("stage0.jsonl" if c.stage0_find else "read.jsonl")
+
+
+def find_probe_file(c: DemoConfig, wdir: Path) -> Path:
+    """The finding probe's records (validation scenes), written on first use: deterministic per seed, and a world
+    made before the probe existed gets them without being regenerated."""
+    f = wdir / "find_val.jsonl"
+    if not f.is_file():
+        find_records(wdir, f, c.seed, items=(c.n_min, c.n_max), split="val")
+    return f
+
+
+def perception_probe(loaded: Any, read_file: Path, find_file: Path) -> dict[str, float]:
+    """:func:`reading_accuracy` on validation read records, plus ``find_cells``: teacher-forced accuracy of the
+    row/col numbers of validation find records (finding a cell by content; chance 25%)."""
+    out = reading_accuracy(loaded, read_file)
+    out["find_cells"] = step_token_accuracy(loaded, find_file, per_step=False)["find/cell"]
+    return out
+
+
 def one_view_reads(src: Path, dst: Path) -> Path:
     """The single-view records of a stage-0 read file (the curriculum's first phase), written to ``dst``
     with image paths rewritten so they still resolve."""
@@ -473,12 +563,14 @@ def token_role(prev: str, word: str, objects: set[str]) -> str | None:
     return "object" if word in objects else None
 
 
-def step_token_accuracy(loaded: Any, records_file: Path, n: int = 128, batch: int = 32) -> dict[str, float]:
+def step_token_accuracy(loaded: Any, records_file: Path, n: int = 128, batch: int = 32, per_step: bool = True
+                        ) -> dict[str, float]:
     """Teacher-forced accuracy of chain tokens by role (:data:`STEP_ROLES`), in the first step and in later steps,
     per question family, e.g. ``{"chase/first_view": 0.9, "chase/later_cell": 0.4, ...}``. Localises a chain's
     failure: a first step's view and cell come from the question (copying), later ones from an instruction found
     by its marker and, for chase/where, from the object found in that view (naming its cell); object words are
-    reading. The answer is not included (the evaluation scores it)."""
+    reading. The answer is not included (the evaluation scores it). ``per_step=False`` pools first and later
+    steps: ``{"find/cell": 0.3, ...}``."""
     import torch
 
     from valr.data import LayoutConfig, load_records, make_batch
@@ -508,7 +600,7 @@ def step_token_accuracy(loaded: Any, records_file: Path, n: int = 128, batch: in
                     for t in range(1, len(piece)):
                         role = token_role(words[t - 1], words[t], objects)
                         if role:
-                            key = f"{fam}/{'first' if k == 0 else 'later'}_{role}"
+                            key = f"{fam}/{('first_' if k == 0 else 'later_') if per_step else ''}{role}"
                             hits[key][0] += int(pred[j, pos + t - 1] == piece[t])
                             hits[key][1] += 1
                     pos += len(piece)
@@ -1008,9 +1100,9 @@ def reading_to_target(c: DemoConfig, st: Stages, training: dict[str, Any], wdir:
     last, checks = "stage0", []
     for i in range(c.stage0_max_extensions + 1):
         def check(d: Path, ckpt=Path(training[last]["checkpoint"])):
-            return reading_accuracy(load_checkpoint(ckpt), wdir / "read_val.jsonl")
+            return perception_probe(load_checkpoint(ckpt), wdir / "read_val.jsonl", find_probe_file(c, wdir))
 
-        result = st.run(f"stage0_check{i}", {"up": st.fps[last], "v": 2}, check)
+        result = st.run(f"stage0_check{i}", {"up": st.fps[last], "v": 3}, check)
         checks.append({"after": last, **result})
         if result["all_views"] >= c.stage0_read_target or i == c.stage0_max_extensions:
             break
@@ -1019,7 +1111,7 @@ def reading_to_target(c: DemoConfig, st: Stages, training: dict[str, Any], wdir:
 
         name = f"stage0_more{i + 1}"
         reading_stage(c, st, training, name, last, Path(training[last]["checkpoint"]), c.stage0_extra_steps,
-                      wdir / "read.jsonl", progress)
+                      stage0_data(c, wdir), progress)
         last = name
     return last, checks
 
@@ -1059,6 +1151,8 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
 
     world_key["text_format"] = FORMAT_VERSION  # a world written in an older text format is regenerated
     world_key["read_records"] = 2  # 2: read records of n_min..n_max cells (1: always 4)
+    if c.stage0_find:
+        world_key["find_records"] = 1
 
     def do_world(d: Path):
         from valr.synth.dataset import make_world_dataset
@@ -1070,6 +1164,9 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
         shaded = shade_views(d, c.view_shade, c.cell_tint)
         n_read = read_records(d, d / "read.jsonl", c.seed, cells=(c.n_min, c.n_max))
         read_records(d, d / "read_val.jsonl", c.seed, cells=(c.n_min, c.n_max), split="val")  # the reading probe
+        if c.stage0_find:
+            find_records(d, d / "find.jsonl", c.seed, items=(c.n_min, c.n_max))
+            mix_records([d / "read.jsonl", d / "find.jsonl"], d / "stage0.jsonl", c.seed)
         _subset(d / "val.jsonl", d / "val_small.jsonl", min(c.n_val, 64))
         return {**{k: m[k] for k in ("n_scenes", "n_distribution", "tokenizer_vocab_size", "avg_tokens_per_step",
                                      "n_images")}, "n_shaded_images": shaded, "n_read_records": n_read}
@@ -1116,7 +1213,7 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
         start = reading_stage(c, st, training, "stage0_one_view", up, start, c.stage0_oneview_steps,
                               lambda d: one_view_reads(wdir / "read.jsonl", d / "read_one_view.jsonl"), progress)
         up = "stage0_one_view"
-    reading_stage(c, st, training, "stage0", up, start, c.stage0_steps, wdir / "read.jsonl", progress)
+    reading_stage(c, st, training, "stage0", up, start, c.stage0_steps, stage0_data(c, wdir), progress)
     stage0_final, stage0_checks = reading_to_target(c, st, training, wdir, progress)
 
     def stage1(name: str, fraction: float):
@@ -1185,7 +1282,6 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
 
     # reading probe: does each stage's model read cells by address? (held-out validation scenes)
     def do_reading(d: Path):
-        probe = wdir / "read_val.jsonl"
         names = ["vision", *(n for n in ("stage0_one_view", "stage0", "stage1", "sft", "latent_no_align", "valr_s")
                              if n in training)]
         ckpts = {"vision": vision["checkpoint"], **{n: training[n]["checkpoint"] for n in names[1:]}}
@@ -1194,12 +1290,12 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
         res = {}
         for n in names:
             loaded = load_checkpoint(ckpts[n])
-            res[n] = reading_accuracy(loaded, probe)
+            res[n] = perception_probe(loaded, wdir / "read_val.jsonl", find_probe_file(c, wdir))
             if n in ("stage1", "sft", "latent_no_align", "valr_s"):  # where do chains go wrong?
                 res[n]["step_tokens"] = step_token_accuracy(loaded, wdir / "val.jsonl", n=min(128, c.n_val))
         return res
 
-    reading = st.run("eval/reading", {"up": [st.fps[n] for n in st.fps if not n.startswith("eval/")], "v": 3},
+    reading = st.run("eval/reading", {"up": [st.fps[n] for n in st.fps if not n.startswith("eval/")], "v": 4},
                      do_reading)
 
     # 7. results
