@@ -102,12 +102,11 @@ class DemoConfig:
     vision_position_heads: bool = True
     stage0_batch_size: int = 32
     stage0_oneview_steps: int = 400  # curriculum phase 1: read cells of one view (0: skip)
-    stage0_steps: int = 500  # phase 2: read cells by view address among all views (reading jumped to ~100% after
-    # ~400 steps of this phase in a development run; at 300 it had not: docs/results.md)
+    stage0_steps: int = 500  # phase 2: read cells by view address among all views (held-out reading 81-87% after
+    # 500 steps of this phase, 86-92% after the extensions, in the 3-seed study: docs/results.md)
     stage0_lr: float = 1e-3
     # stage 0 runs to competence: while the held-out reading probe (object words, all views, validation scenes) is
-    # below the target, train stage0_extra_steps more all-view steps, at most stage0_max_extensions times (the
-    # reading transition came between steps ~250 and >500 of the all-view phase depending on the seed)
+    # below the target, train stage0_extra_steps more all-view steps, at most stage0_max_extensions times
     stage0_read_target: float = 0.9
     stage0_extra_steps: int = 100
     stage0_max_extensions: int = 2
