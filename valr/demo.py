@@ -291,6 +291,34 @@ def shade_views(world_dir: Path, shade: int, tint: int) -> int:
     return changed
 
 
+def _count_range(name: str, bounds: tuple[int, int]) -> tuple[int, int]:
+    lo, hi = bounds
+    if not 1 <= lo <= hi:
+        raise ValueError(f"{name} must be a range 1 <= lo <= hi, got {bounds}")
+    return lo, hi
+
+
+def _world_scenes(world_dir: Path, split: str) -> list[tuple[Any, Any]]:
+    """Each scene of ``split`` once, as (the first record that shows it, the scene rebuilt from the labels)."""
+    from valr.data.records import load_records
+    from valr.synth.dataset import load_labels, scene_from_labels
+
+    labels = load_labels(world_dir)
+    first: dict[tuple[str, ...], Any] = {}
+    for rec in load_records(world_dir / f"{split}.jsonl"):
+        first.setdefault(tuple(str(p) for p in rec.images), rec)
+    return [(rec, scene_from_labels(labels, rec, world_dir)) for rec in first.values()]
+
+
+def _write_shuffled(recs: list, rng: Any, dst: Path) -> int:
+    """Write ``recs`` to ``dst`` in an order drawn from ``rng`` (image paths rewritten so they still resolve)."""
+    from valr.data.records import write_records
+
+    order = rng.permutation(len(recs))
+    write_records([recs[i] for i in order], dst)
+    return len(recs)
+
+
 def read_records(world_dir: Path, out_file: Path, seed: int, per_scene: int = 4, cells: tuple[int, int] = (1, 8),
                  split: str = "train") -> int:
     """Stage-0 records: read given cells. Per scene of ``split`` (training scenes for stage 0; validation scenes
@@ -304,21 +332,14 @@ def read_records(world_dir: Path, out_file: Path, seed: int, per_scene: int = 4,
     records and 46-50% of 2- or 7-cell ones, and nothing of it carried over to chains (docs/results.md)."""
     import numpy as np
 
-    from valr.data.records import Record, Step, StepTarget, load_records, write_records
-    from valr.synth.dataset import load_labels, scene_from_labels
+    from valr.data.records import Record, Step, StepTarget
     from valr.synth.questions import lookup_text, marker, read_line
 
-    labels = load_labels(world_dir)
-    scenes: dict[tuple[str, ...], Record] = {}
-    for rec in load_records(world_dir / f"{split}.jsonl"):
-        scenes.setdefault(tuple(str(p) for p in rec.images), rec)
-    lo, hi = cells
-    if not 1 <= lo <= hi:
-        raise ValueError(f"cells must be a range 1 <= lo <= hi, got {cells}")
+    lo, hi = _count_range("cells", cells)
+    scenes = _world_scenes(world_dir, split)
     rng = np.random.default_rng([seed, 17])
     out = []
-    for rec in scenes.values():
-        scene = scene_from_labels(labels, rec, world_dir)
+    for rec, scene in scenes:
         for j in range(per_scene):
             n = int(rng.integers(lo, hi + 1))
             if j % 2 == 0:  # one view
@@ -338,9 +359,7 @@ def read_records(world_dir: Path, out_file: Path, seed: int, per_scene: int = 4,
                 images = rec.images
             out.append(Record(id=f"read-{rec.meta['scene']}-{j}", question=q, steps=steps, answer=str(len(pick)),
                               images=images, meta={"family": "read", "n_steps": len(steps)}))
-    order = rng.permutation(len(out))
-    write_records([out[i] for i in order], out_file)
-    return len(out)
+    return _write_shuffled(out, rng, out_file)
 
 
 def find_records(world_dir: Path, out_file: Path, seed: int, per_scene: int = 2, items: tuple[int, int] = (1, 8),
@@ -353,22 +372,14 @@ def find_records(world_dir: Path, out_file: Path, seed: int, per_scene: int = 2,
     """
     import numpy as np
 
-    from valr.data.records import Record, Step, StepTarget, load_records, write_records
-    from valr.synth.dataset import load_labels, scene_from_labels
+    from valr.data.records import Record, Step, StepTarget
     from valr.synth.questions import lookup_text, marker
     from valr.synth.world import COLOURS, SHAPES
 
-    lo, hi = items
-    if not 1 <= lo <= hi:
-        raise ValueError(f"items must be a range 1 <= lo <= hi, got {items}")
-    labels = load_labels(world_dir)
-    scenes: dict[tuple[str, ...], Record] = {}
-    for rec in load_records(world_dir / f"{split}.jsonl"):
-        scenes.setdefault(tuple(str(p) for p in rec.images), rec)
+    lo, hi = _count_range("items", items)
     rng = np.random.default_rng([seed, 23])
     out = []
-    for rec in scenes.values():
-        scene = scene_from_labels(labels, rec, world_dir)
+    for rec, scene in _world_scenes(world_dir, split):
         findable: dict[tuple[int, int, int], list[str]] = {}  # cell -> descriptions unique in its view
         for v in range(scene.n_views):
             names = {}
@@ -389,20 +400,16 @@ def find_records(world_dir: Path, out_file: Path, seed: int, per_scene: int = 2,
             steps = tuple(Step(lookup_text(scene, p, i + 1), StepTarget(image_index=p[0])) for i, p in enumerate(pick))
             out.append(Record(id=f"find-{rec.meta['scene']}-{j}", question=q, steps=steps, answer=str(len(pick)),
                               images=rec.images, meta={"family": "find", "n_steps": len(steps)}))
-    order = rng.permutation(len(out))
-    write_records([out[i] for i in order], out_file)
-    return len(out)
+    return _write_shuffled(out, rng, out_file)
 
 
 def mix_records(sources: list[Path], dst: Path, seed: int) -> Path:
     """The records of ``sources`` shuffled together into ``dst`` (image paths rewritten so they still resolve)."""
     import numpy as np
 
-    from valr.data.records import load_records, write_records
+    from valr.data.records import load_records
 
-    recs = [r for src in sources for r in load_records(src)]
-    order = np.random.default_rng([seed, 29]).permutation(len(recs))
-    write_records([recs[i] for i in order], dst)
+    _write_shuffled([r for src in sources for r in load_records(src)], np.random.default_rng([seed, 29]), dst)
     return dst
 
 
