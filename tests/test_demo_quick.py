@@ -74,6 +74,16 @@ def test_demo_quick_writes_documented_files(tmp_path):
         assert (out / "figures" / fig).stat().st_size > 1000, fig
     printed = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(printed) == set(VARIANTS)
+    # stage 1 on trains on the chains stage's records: the world's scenes and questions in the current text format,
+    # over the world's own image files (hard links, not a second copy)
+    from valr.data import load_records
+
+    world, chains = (load_records(out / d / "train.jsonl") for d in ("world", "chains"))
+    assert [r.question for r in chains] == [r.question for r in world]
+    img = chains[0].images[0]
+    assert img.is_relative_to((out / "chains").resolve())
+    assert img.stat().st_ino == (out / "world" / img.relative_to((out / "chains").resolve())).stat().st_ino
+    assert "chains" in res["stage_seconds"] and (out / "chains" / "find_val.jsonl").is_file()
 
     # a rerun reuses every stage: nothing is trained or generated again
     _, secs = _run(out, "--seed", "3")

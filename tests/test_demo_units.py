@@ -192,8 +192,9 @@ def test_find_records_name_a_unique_object_and_answer_with_its_cell(world):
         for i, (item, step) in enumerate(zip(items, r.steps, strict=True)):
             marker, *words, _, _, view = item.split()
             head, said = step.text.split(": ")
-            _, _, v, _, row, _, col = head.split()
+            _, _, v, *key, at, _, row, _, col = head.split()
             assert marker == head.split()[0] == f"#{i + 1}" and v == view
+            assert key == words and at == "at"  # the step restates what it searched for
             assert set(words) <= set(said.split())  # the cell holds what the item names ...
             v0 = int(v) - 1
             matches = [(rr, cc) for rr, cc in scene.cells(v0)
@@ -265,5 +266,9 @@ def test_token_role_names_what_each_chain_token_carries():
     assert [token_role(p, w, objects) for p, w in zip(words, words[1:], strict=False)] == [
         None, "view", None, "cell", None, "cell", None, "object", "object", "object"]
     count = "#1 view 2 red : 3 , total 5".split()
-    assert [token_role(p, w, objects) for p, w in zip(count, count[1:], strict=False)] == [
-        None, "view", "object", None, "count", None, None, "count"]
+    assert [token_role(p, w, objects, seen=":" in count[:i + 1]) for i, (p, w) in
+            enumerate(zip(count, count[1:], strict=False))] == [None, "view", "key", None, "count", None, None, "count"]
+    found = "#2 view 3 red cube at row 1 col 4 : large red cube".split()
+    assert [token_role(p, w, objects, seen=":" in found[:i + 1]) for i, (p, w) in
+            enumerate(zip(found, found[1:], strict=False))] == [
+        None, "view", "key", "key", None, None, "cell", None, "cell", None, "object", "object", "object"]

@@ -151,7 +151,7 @@ def test_tokenizer_round_trips_and_covers_the_vocabulary(world) -> None:
     for w in vocabulary() + [str(i) for i in range(41)]:
         assert len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 1, w
         assert len(tok(w, add_special_tokens=False)["input_ids"]) == 1, w
-    assert m["avg_tokens_per_step"] <= 12
+    assert m["avg_tokens_per_step"] <= 13  # words are whole tokens: a lookup step is 11-14 tokens
 
 
 def test_records_load_as_an_eval_benchmark(world) -> None:

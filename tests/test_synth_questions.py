@@ -57,7 +57,7 @@ def test_text_is_short_and_uses_the_closed_vocabulary() -> None:
     for _, _, q in QUESTIONS:
         assert q.kind == FAMILY_KIND[q.family]
         for s in q.steps:
-            assert 5 <= len(s.text.split()) <= 12, s.text
+            assert 5 <= len(s.text.split()) <= 13, s.text
         for text in [q.text, q.answer] + [s.text for s in q.steps]:
             for w in _words(text):
                 assert w in WORDS or w.isdigit(), (w, text)
@@ -99,7 +99,7 @@ def test_chase_distractors_include_wrong_view_answers() -> None:
             continue
         total += 1
         kind, view = re.findall(r"(colour|shape|cell) view (\d)", q.text.split("\n")[1])[-1]
-        prev = re.match(r"#\d+ view (\d) row (\d) col (\d): (\w+) (\w+) (\w+)", q.steps[-2].text)
+        prev = re.match(r"#\d+ view (\d) (?:\w+ )*?row (\d) col (\d): (\w+) (\w+) (\w+)", q.steps[-2].text)
         assert prev
         for w in range(scene.n_views):
             if w == int(view) - 1:
@@ -144,6 +144,16 @@ def test_checker_catches_wrong_steps_and_targets() -> None:
     bad = list(steps)
     bad[1] = (steps[1][0].replace("#2 ", "#3 ", 1), steps[1][1])
     assert any("expected #2" in e for e in check_steps(scene, q.text, bad))
+    # a lookup by content must restate what it searched for, and only a lookup by content restates a key
+    scene, _, q = next(x for x in QUESTIONS if x[2].family == "where" and x[1] >= 2)
+    steps = [(s.text, s.view) for s in q.steps]
+    named = re.match(r"start at #1 the (\w+ \w+) in view", q.text)
+    assert named and f" {named.group(1)} at row " in steps[0][0]
+    bad = [(re.sub(r" \w+ \w+ at row ", " row ", steps[0][0]), steps[0][1])] + steps[1:]
+    assert any("restates None" in e for e in check_steps(scene, q.text, bad))
+    kinds = re.findall(r"(colour|shape|cell) view", q.text.split("\n")[1])
+    for (text, _), kind in zip(steps[1:], kinds, strict=True):
+        assert (" at row " in text) == (kind != "cell"), (kind, text)
     # a count step with a wrong running total
     scene, _, q = next(x for x in QUESTIONS if x[2].family == "count" and x[1] >= 2)
     steps = [(s.text, s.view) for s in q.steps]

@@ -365,11 +365,11 @@ def read_records(world_dir: Path, out_file: Path, seed: int, per_scene: int = 4,
 def find_records(world_dir: Path, out_file: Path, seed: int, per_scene: int = 2, items: tuple[int, int] = (1, 8),
                  split: str = "train") -> int:
     """Stage-0 records for the inverse lookup, finding a cell by content: "which cell: #1 red in view 2, #2 cube
-    in view 4, #3 red cube in view 1." -> "#1 view 2 row 3 col 1: large red cube", ... (the CoT's lookup-step
-    format). Each item names a colour, a shape or both that exactly one object of that view has; a record has a
-    random number of items in ``items``. Chains need this lookup wherever a step goes to "the object of the same
-    colour/shape in view V" or starts at a named object, and reading by address does not teach it (docs/results.md).
-    """
+    in view 4, #3 red cube in view 1." -> "#1 view 2 red at row 3 col 1: large red cube", ... (the CoT's format of
+    a lookup by content). Each item names a colour, a shape or both that exactly one object of that view has; a
+    record has a random number of items in ``items``. Chains need this lookup wherever a step goes to "the object
+    of the same colour/shape in view V" or starts at a named object, and reading by address does not teach it
+    (docs/results.md)."""
     import numpy as np
 
     from valr.data.records import Record, Step, StepTarget
@@ -397,7 +397,8 @@ def find_records(world_dir: Path, out_file: Path, seed: int, per_scene: int = 2,
             said = [findable[p][int(rng.integers(len(findable[p])))] for p in pick]
             q = "which cell: " + ", ".join(f"{marker(i + 1)} {w} in view {p[0] + 1}"
                                            for i, (p, w) in enumerate(zip(pick, said, strict=True))) + "."
-            steps = tuple(Step(lookup_text(scene, p, i + 1), StepTarget(image_index=p[0])) for i, p in enumerate(pick))
+            steps = tuple(Step(lookup_text(scene, p, i + 1, key=w), StepTarget(image_index=p[0]))
+                          for i, (p, w) in enumerate(zip(pick, said, strict=True)))
             out.append(Record(id=f"find-{rec.meta['scene']}-{j}", question=q, steps=steps, answer=str(len(pick)),
                               images=rec.images, meta={"family": "find", "n_steps": len(steps)}))
     return _write_shuffled(out, rng, out_file)
@@ -418,13 +419,20 @@ def stage0_data(c: DemoConfig, wdir: Path) -> Path:
     return wdir / ("stage0.jsonl" if c.stage0_find else "read.jsonl")
 
 
-def find_probe_file(c: DemoConfig, wdir: Path) -> Path:
-    """The finding probe's records (validation scenes), written on first use: deterministic per seed, and a world
-    made before the probe existed gets them without being regenerated."""
-    f = wdir / "find_val.jsonl"
-    if not f.is_file():
-        find_records(wdir, f, c.seed, items=(c.n_min, c.n_max), split="val")
-    return f
+def link_images(src: Path, dst: Path) -> int:
+    """Every file under ``src`` hard-linked into ``dst`` (copied where the file system has no hard links), so the
+    chains directory is a self-contained dataset without a second copy of the world's images."""
+    n = 0
+    for f in sorted(p for p in src.rglob("*") if p.is_file()):
+        t = dst / f.relative_to(src)
+        t.parent.mkdir(parents=True, exist_ok=True)
+        if not t.exists():
+            try:
+                os.link(f, t)
+            except OSError:
+                shutil.copy2(f, t)
+        n += 1
+    return n
 
 
 def perception_probe(loaded: Any, read_file: Path, find_file: Path) -> dict[str, float]:
@@ -552,12 +560,14 @@ def reading_accuracy(loaded: Any, records_file: Path, batch: int = 32) -> dict[s
     return out
 
 
-STEP_ROLES = ("view", "cell", "object", "count")
+STEP_ROLES = ("view", "key", "cell", "object", "count")
 
 
-def token_role(prev: str, word: str, objects: set[str]) -> str | None:
-    """What a step token carries: the number after ``view`` (which view to look at), after ``row``/``col`` (which
-    cell), an object word (what was seen), a count or running total; None for the rest (markers, fixed words)."""
+def token_role(prev: str, word: str, objects: set[str], seen: bool = True) -> str | None:
+    """What a step token carries: the number after ``view`` (which view to look at), an object word before the
+    step's ``:`` (``seen=False``: the key, what the step looks for: a lookup by content's colour/shape, a count's
+    attribute), the number after ``row``/``col`` (which cell), an object word after it (what was seen), a count
+    or running total; None for the rest (markers, fixed words)."""
     if word.isdigit():
         if prev == "view":
             return "view"
@@ -566,7 +576,9 @@ def token_role(prev: str, word: str, objects: set[str]) -> str | None:
         if prev in (":", "total"):
             return "count"
         return None
-    return "object" if word in objects else None
+    if word not in objects:
+        return None
+    return "object" if seen else "key"
 
 
 def step_token_accuracy(loaded: Any, records_file: Path, n: int = 128, batch: int = 32, per_step: bool = True
@@ -604,7 +616,7 @@ def step_token_accuracy(loaded: Any, records_file: Path, n: int = 128, batch: in
                         raise ValueError(f"record {r.id}: step {k + 1} is not where the layout puts it")
                     words = [tok.decode([t]).strip() for t in piece]
                     for t in range(1, len(piece)):
-                        role = token_role(words[t - 1], words[t], objects)
+                        role = token_role(words[t - 1], words[t], objects, seen=":" in words[:t])
                         if role:
                             key = f"{fam}/{('first_' if k == 0 else 'later_') if per_step else ''}{role}"
                             hits[key][0] += int(pred[j, pos + t - 1] == piece[t])
@@ -1096,8 +1108,8 @@ def _machine() -> str:
             f"({torch.get_num_threads()} threads), python {platform.python_version()}")
 
 
-def reading_to_target(c: DemoConfig, st: Stages, training: dict[str, Any], wdir: Path, progress: bool
-                      ) -> tuple[str, list[dict[str, Any]]]:
+def reading_to_target(c: DemoConfig, st: Stages, training: dict[str, Any], wdir: Path, cdir: Path,
+                      progress: bool) -> tuple[str, list[dict[str, Any]]]:
     """Extend stage 0 until the held-out reading probe (all views) reaches ``c.stage0_read_target``: each check and
     each extension of ``c.stage0_extra_steps`` all-view steps is its own cached stage. Returns the name of the
     last stage-0 stage (whose checkpoint stage 1 starts from) and the checks made."""
@@ -1106,9 +1118,9 @@ def reading_to_target(c: DemoConfig, st: Stages, training: dict[str, Any], wdir:
     last, checks = "stage0", []
     for i in range(c.stage0_max_extensions + 1):
         def check(d: Path, ckpt=Path(training[last]["checkpoint"])):
-            return perception_probe(load_checkpoint(ckpt), wdir / "read_val.jsonl", find_probe_file(c, wdir))
+            return perception_probe(load_checkpoint(ckpt), wdir / "read_val.jsonl", cdir / "find_val.jsonl")
 
-        result = st.run(f"stage0_check{i}", {"up": st.fps[last], "v": 3}, check)
+        result = st.run(f"stage0_check{i}", {"up": st.fps[last], "v": 4, "probes": st.fps["chains"]}, check)
         checks.append({"after": last, **result})
         if result["all_views"] >= c.stage0_read_target or i == c.stage0_max_extensions:
             break
@@ -1155,10 +1167,13 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
                                             "cell_tint", "view_shade")}
     from valr.synth.dataset import FORMAT_VERSION
 
-    world_key["text_format"] = FORMAT_VERSION  # a world written in an older text format is regenerated
+    # what stage 0 reads (images, labels, read records) has not changed since text format 2; the chain records
+    # that stage 1 on trains and evaluates on are the chains stage's, keyed by the current format, so a change to
+    # how chains are written does not retrain perception
+    world_key["text_format"] = 2
     world_key["read_records"] = 2  # 2: read records of n_min..n_max cells (1: always 4)
     if c.stage0_find:
-        world_key["find_records"] = 1
+        world_key["find_records"] = 2  # 2: steps restate the key (text format 3)
 
     def do_world(d: Path):
         from valr.synth.dataset import make_world_dataset
@@ -1173,12 +1188,28 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
         if c.stage0_find:
             find_records(d, d / "find.jsonl", c.seed, items=(c.n_min, c.n_max))
             mix_records([d / "read.jsonl", d / "find.jsonl"], d / "stage0.jsonl", c.seed)
-        _subset(d / "val.jsonl", d / "val_small.jsonl", min(c.n_val, 64))
         return {**{k: m[k] for k in ("n_scenes", "n_distribution", "tokenizer_vocab_size", "avg_tokens_per_step",
                                      "n_images")}, "n_shaded_images": shaded, "n_read_records": n_read}
 
     world = st.run("world", world_key, do_world)
     wdir = out / "world"
+
+    def do_chains(d: Path):
+        from valr.synth.dataset import make_world_dataset
+        from valr.synth.world import WorldConfig
+
+        m = make_world_dataset(d, seed=c.seed, n_train=c.n_train, n_val=c.n_val, n_test=c.n_test,
+                               n_range=(c.n_min, c.n_max), n_views=c.n_views,
+                               world=WorldConfig(cell_tint=c.cell_tint), render=False)
+        n_images = link_images(wdir / "images", d / "images")
+        _subset(d / "val.jsonl", d / "val_small.jsonl", min(c.n_val, 64))
+        n_find = find_records(d, d / "find_val.jsonl", c.seed, items=(c.n_min, c.n_max), split="val")  # a probe
+        return {"text_format": FORMAT_VERSION, "avg_tokens_per_step": m["avg_tokens_per_step"],
+                "n_images": n_images, "n_find_probe_records": n_find}
+
+    # the question records (same scenes and questions as the world's) in the current text format
+    st.run("chains", {"world": st.fps["world"], "text_format": FORMAT_VERSION}, do_chains)
+    cdir = out / "chains"
 
     # 2. perception teacher
     teacher_key = {"world": st.fps["world"], "teacher": c.teacher.to_dict()}
@@ -1220,14 +1251,14 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
                               lambda d: one_view_reads(wdir / "read.jsonl", d / "read_one_view.jsonl"), progress)
         up = "stage0_one_view"
     reading_stage(c, st, training, "stage0", up, start, c.stage0_steps, stage0_data(c, wdir), progress)
-    stage0_final, stage0_checks = reading_to_target(c, st, training, wdir, progress)
+    stage0_final, stage0_checks = reading_to_target(c, st, training, wdir, cdir, progress)
 
     def stage1(name: str, fraction: float):
         def fn(d: Path):
-            return _train(c, d, model=Path(training[stage0_final]["checkpoint"]), data=wdir / "train.jsonl",
+            return _train(c, d, model=Path(training[stage0_final]["checkpoint"]), data=cdir / "train.jsonl",
                           stage=1, steps=c.stage1_steps, lr=c.stage1_lr, data_fraction=fraction, progress=progress)
         training[name] = st.run(name, {"up": st.fps[stage0_final], "steps": c.stage1_steps, "lr": c.stage1_lr,
-                                       "fraction": fraction}, fn)
+                                       "fraction": fraction, "data": st.fps["chains"]}, fn)
 
     # 4. stage 1 (CoT SFT)
     stage1("stage1", 1.0)
@@ -1235,9 +1266,9 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
     # 5. variants
     def variant(name: str, up: str, stage: int, lam: float, teachers: list, fraction: float = 1.0):
         def fn(d: Path):
-            return _train(c, d, model=Path(training[up]["checkpoint"]), data=wdir / "train.jsonl", stage=stage,
+            return _train(c, d, model=Path(training[up]["checkpoint"]), data=cdir / "train.jsonl", stage=stage,
                           steps=c.stage2_steps, lr=c.stage2_lr, lambda_align=lam, teachers=teachers,
-                          data_fraction=fraction, val_data=wdir / "val_small.jsonl" if stage == 2 else None,
+                          data_fraction=fraction, val_data=cdir / "val_small.jsonl" if stage == 2 else None,
                           progress=progress)
         key = {"up": st.fps[up], "stage": stage, "lambda": lam, "teachers": [dataclasses.asdict(t) for t in teachers],
                "steps": c.stage2_steps, "lr": c.stage2_lr, "projector_lr": c.projector_lr, "fraction": fraction,
@@ -1259,7 +1290,7 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
         variant(frac_name, f"stage1_{tag}", 2, c.lambda_align, [percept], c.data_fraction)
 
     # 6. evaluation
-    test_file = wdir / f"{c.eval_split}.jsonl"
+    test_file = cdir / f"{c.eval_split}.jsonl"
     evals: dict[str, dict[str, Any]] = {}
 
     def evaluate(label: str, train_name: str, policy: str, k: int):
@@ -1268,12 +1299,12 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
             m = score_predictions(test_file, d / "predictions.jsonl", c.eval_limit)
             if k == c.k:  # does the model use the images at all? (validation records, teacher forcing)
                 m["image_dependence"] = image_dependence(training[train_name]["checkpoint"],
-                                                         wdir / "val_small.jsonl", c.k, policy != "off",
+                                                         cdir / "val_small.jsonl", c.k, policy != "off",
                                                          c.align_layer, n=min(64, c.n_val))
             (d / "metrics.json").write_text(json.dumps(m))
             return {"metrics_file": str(d / "metrics.json")}
         key = {"up": st.fps[train_name], "policy": policy, "k": k, "limit": c.eval_limit, "diag": 1,
-               "max_new_tokens": c.max_new_tokens, "split": c.eval_split, "test": st.fps["world"]}
+               "max_new_tokens": c.max_new_tokens, "split": c.eval_split, "test": st.fps["chains"]}
         res = st.run(f"eval/{label}", key, fn)
         evals[label] = json.loads(Path(res["metrics_file"]).read_text())
 
@@ -1296,12 +1327,12 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
         res = {}
         for n in names:
             loaded = load_checkpoint(ckpts[n])
-            res[n] = perception_probe(loaded, wdir / "read_val.jsonl", find_probe_file(c, wdir))
+            res[n] = perception_probe(loaded, wdir / "read_val.jsonl", cdir / "find_val.jsonl")
             if n in ("stage1", "sft", "latent_no_align", "valr_s"):  # where do chains go wrong?
-                res[n]["step_tokens"] = step_token_accuracy(loaded, wdir / "val.jsonl", n=min(128, c.n_val))
+                res[n]["step_tokens"] = step_token_accuracy(loaded, cdir / "val.jsonl", n=min(128, c.n_val))
         return res
 
-    reading = st.run("eval/reading", {"up": [st.fps[n] for n in st.fps if not n.startswith("eval/")], "v": 4},
+    reading = st.run("eval/reading", {"up": [st.fps[n] for n in st.fps if not n.startswith("eval/")], "v": 5},
                      do_reading)
 
     # 7. results
@@ -1353,7 +1384,7 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
         "n_test": variants.get("sft", {}).get("n"),
     }
     results["eval_split"] = c.eval_split
-    prior = prior_baseline(wdir, test_file, c.eval_limit)
+    prior = prior_baseline(cdir, test_file, c.eval_limit)
     prior["accuracy_long"] = _long_chain_accuracy(prior)
     results["prior_baseline"] = prior
     best = max(v["accuracy"] for v in variants.values()) if variants else 0.0

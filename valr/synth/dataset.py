@@ -36,7 +36,7 @@ from valr.data.records import Record, Step, StepTarget, write_records
 from valr.synth.questions import FAMILIES, FAMILY_KIND, LETTERS, Question, make_question, vocabulary
 from valr.synth.world import COLOURS, SHAPES, SIZES, Scene, WorldConfig, generate_scene, render_scene
 
-FORMAT_VERSION = 2  # 2: step markers (#1, #2, ...) in questions and steps
+FORMAT_VERSION = 3  # 2: step markers (#1, #2, ...) in questions and steps; 3: lookups by content restate the key
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 MAX_NUMBER = 64  # numbers 0..MAX_NUMBER-1 get whole-word tokens (counts, running totals, coordinates)
 CHAT_TEXT = ("system", "user", "assistant", "You are a helpful assistant.")
@@ -82,7 +82,8 @@ def _record(q: Question, rid: str, images: list[Path], scene_name: str, seed: in
 
 def _generate_split(out_dir: Path, split: str, n: int, seed: int, cfg: WorldConfig, families: Sequence[str],
                     n_range: tuple[int, int], per_scene: int, seen: set[bytes], labels: dict[str, list[Any]],
-                    pool: ThreadPoolExecutor, writes: list[Future[None]]) -> tuple[list[Record], int]:
+                    pool: ThreadPoolExecutor, writes: list[Future[None]], render: bool = True
+                    ) -> tuple[list[Record], int]:
     rng = np.random.default_rng([seed, SPLITS.index(split), 1_000_003])
     plan = _plan(n, families, n_range, rng)
     records: list[Record] = []
@@ -112,9 +113,10 @@ def _generate_split(out_dir: Path, split: str, n: int, seed: int, cfg: WorldConf
         if not images:  # first question of this scene: render and save its views once
             name = f"{split}{draw:05d}"
             rel = [Path("images") / split / f"{name}_v{k}.png" for k in range(scene.n_views)]
-            (out_dir / rel[0]).parent.mkdir(parents=True, exist_ok=True)
-            for img, p in zip(render_scene(scene, cfg), rel, strict=True):
-                writes.append(pool.submit(img.save, out_dir / p, format="PNG", compress_level=6))
+            if render:
+                (out_dir / rel[0]).parent.mkdir(parents=True, exist_ok=True)
+                for img, p in zip(render_scene(scene, cfg), rel, strict=True):
+                    writes.append(pool.submit(img.save, out_dir / p, format="PNG", compress_level=6))
             lab = scene.labels()
             for k, p in enumerate(rel):
                 labels["paths"].append(p.as_posix())
@@ -148,13 +150,16 @@ def tokenizer_corpus(texts: Iterable[str]) -> list[str]:
 def make_world_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 4000, n_val: int = 500,
                        n_test: int = 500, n_range: tuple[int, int] = (1, 10),
                        families: Sequence[str] = FAMILIES, image_size: int = 112, n_views: int = 4,
-                       questions_per_scene: int = 4, world: WorldConfig | None = None) -> dict[str, Any]:
+                       questions_per_scene: int = 4, world: WorldConfig | None = None, render: bool = True
+                       ) -> dict[str, Any]:
     """Generate (or reuse) the world dataset in ``out_dir`` and return its manifest.
 
     Cached: when ``out_dir/manifest.json`` records the same config and the files exist, nothing is rewritten;
     otherwise everything is regenerated (``out_dir/images`` is replaced). ``world`` sets the other scene and
     render settings (objects per view, grid lines, cell tint); its image_size and n_views are replaced by the
     arguments. The tokenizer is trained to closure (every world word and number 0..63 one token; about 590).
+    ``render=False`` writes everything but the images (records still name ``images/...``): the same scenes and
+    questions in the current text format, for a directory that gets its images from an existing world.
     """
     out = Path(out_dir).resolve()
     families = tuple(families)
@@ -173,6 +178,8 @@ def make_world_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 4000, 
     }
     manifest_path = out / "manifest.json"
     files = [f"{s}.jsonl" for s in SPLITS] + ["labels.npz", "tokenizer/tokenizer.json"]
+    if not render:
+        config["render"] = False
     if manifest_path.is_file():
         try:
             old = json.loads(manifest_path.read_text())
@@ -183,7 +190,7 @@ def make_world_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 4000, 
 
     out.mkdir(parents=True, exist_ok=True)
     manifest_path.unlink(missing_ok=True)  # an interrupted run must not look complete
-    if (out / "images").is_dir():
+    if render and (out / "images").is_dir():
         shutil.rmtree(out / "images")
     seen: set[bytes] = set()
     labels: dict[str, list[Any]] = {k: [] for k in ("paths", "split", "present", "shape", "colour", "size")}
@@ -193,7 +200,7 @@ def make_world_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 4000, 
     # PNG encoding and file creation dominate the run time and release the GIL: overlap them in threads.
     with ThreadPoolExecutor(max_workers=4) as pool:
         per_split = {split: _generate_split(out, split, counts[split], seed, cfg, families, (lo, hi),
-                                            questions_per_scene, seen, labels, pool, writes)
+                                            questions_per_scene, seen, labels, pool, writes, render)
                      for split in SPLITS}
         for w in writes:
             w.result()  # re-raise any write error

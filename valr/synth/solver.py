@@ -30,7 +30,9 @@ class UnsolvableQuestion(ValueError):
 class Expected:
     """What one step must establish: a lookup (view, row, col) or a count (view, attribute word, running total).
 
-    All 0-based; ``row``/``col`` are None for counts, ``word``/``total`` None for lookups.
+    All 0-based; ``row``/``col`` are None for counts, ``word``/``total`` None for lookups. ``key`` is what a lookup
+    by content searched for (a colour or shape word, or "colour shape"), which its step restates; None for a
+    lookup by address.
     """
 
     view: int
@@ -38,6 +40,7 @@ class Expected:
     col: int | None = None
     word: str | None = None
     total: int | None = None
+    key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ class Solution:
 _OPTION = re.compile(r"^([A-Z])\. (.+)$")
 _CELL = r"view (\d+) row (\d+) col (\d+)"
 _MOVE = re.compile(r"^#(\d+) (colour|shape|cell) view (\d+)$")
-_LOOKUP_STEP = re.compile(rf"^#(\d+) {_CELL}: (\w+) (\w+) (\w+)$")
+_LOOKUP_STEP = re.compile(r"^#(\d+) view (\d+) (?:(\w+(?: \w+)?) at )?row (\d+) col (\d+): (\w+) (\w+) (\w+)$")
 _COUNT_STEP = re.compile(r"^#(\d+) view (\d+) (\w+): (\d+), total (\d+)$")
 
 
@@ -108,11 +111,15 @@ def _unique(mask: np.ndarray, what: str) -> tuple[int, int]:
     return int(rs[0]), int(cs[0])
 
 
-def _run_moves(scene: Scene, v: int, r: int, c: int, moves_line: str) -> list[tuple[int, int, int]]:
+def _run_moves(scene: Scene, start: Expected, moves_line: str) -> list[Expected]:
+    """The lookups of a moves line from ``start``: each move's key is the colour or shape word of the object it
+    moves from (none for a cell move)."""
+    v, r, c = start.view, start.row, start.col
+    assert r is not None and c is not None
     if not (moves_line.startswith("moves: ") and moves_line.endswith(".")):
         raise UnsolvableQuestion(f"bad moves line {moves_line!r}")
     body = moves_line[len("moves: "):-1]
-    path = [(v, r, c)]
+    path = [start]
     if body == "none":
         return path
     for i, part in enumerate(body.split(", ")):
@@ -122,14 +129,17 @@ def _run_moves(scene: Scene, v: int, r: int, c: int, moves_line: str) -> list[tu
         _numbered(m.group(1), i + 2, f"move {part!r}")
         kind, w = m.group(2), _view(scene, m.group(3))
         _describe(scene, v, r, c)  # the current cell must hold an object
+        key = None
         if kind == "cell":
             _describe(scene, w, r, c)
         elif kind == "colour":
+            key = COLOURS[scene.colour[v, r, c]]
             r, c = _unique(scene.colour[w] == scene.colour[v, r, c], f"colour in view {w + 1}")
         else:
+            key = SHAPES[scene.shape[v, r, c]]
             r, c = _unique(scene.shape[w] == scene.shape[v, r, c], f"shape in view {w + 1}")
         v = w
-        path.append((v, r, c))
+        path.append(Expected(v, r, c, key=key))
     return path
 
 
@@ -138,10 +148,9 @@ def _solve_chase(scene: Scene, lines: list[str]) -> Solution:
     if not m or lines[2] != "what is the last object?":
         raise UnsolvableQuestion("not a chase question")
     v, r, c = _view(scene, m.group(1)), _coord(scene, m.group(2)), _coord(scene, m.group(3))
-    path = _run_moves(scene, v, r, c, lines[1])
-    text = _describe(scene, *path[-1])
-    trace = tuple(Expected(p[0], p[1], p[2]) for p in path)
-    return Solution("chase", _letter(_options(lines[3:]), text), text, trace)
+    path = _run_moves(scene, Expected(v, r, c), lines[1])
+    text = _describe(scene, path[-1].view, path[-1].row, path[-1].col)  # type: ignore[arg-type]
+    return Solution("chase", _letter(_options(lines[3:]), text), text, tuple(path))
 
 
 def _solve_where(scene: Scene, lines: list[str]) -> Solution:
@@ -153,12 +162,12 @@ def _solve_where(scene: Scene, lines: list[str]) -> Solution:
     v = _view(scene, m.group(3))
     mask = (scene.colour[v] == COLOURS.index(m.group(1))) & (scene.shape[v] == SHAPES.index(m.group(2)))
     r, c = _unique(mask, f"the {m.group(1)} {m.group(2)} in view {v + 1}")
-    path = _run_moves(scene, v, r, c, lines[1])
-    _, lr, lc = path[-1]
+    path = _run_moves(scene, Expected(v, r, c, key=f"{m.group(1)} {m.group(2)}"), lines[1])
+    lr, lc = path[-1].row, path[-1].col
+    assert lr is not None and lc is not None
     half = scene.grid // 2
     text = f"{'top' if lr < half else 'bottom'} {'left' if lc < half else 'right'}"
-    trace = tuple(Expected(p[0], p[1], p[2]) for p in path)
-    return Solution("where", _letter(_options(lines[3:]), text), text, trace)
+    return Solution("where", _letter(_options(lines[3:]), text), text, tuple(path))
 
 
 def _attribute_count(scene: Scene, v: int, word: str) -> int:
@@ -224,9 +233,9 @@ def check_steps(scene: Scene, question: str, steps: Sequence[tuple[str, int | No
     """Verify a chain step by step; returns the problems found (empty list = every step checks out).
 
     ``steps`` are (text, target view index) pairs. A lookup step ``view V row R col C: size colour shape`` must
-    describe the object really at that cell, and a count step ``view V word: n, total t`` must give the true
-    count and running total; each must be the lookup the question calls for at that position and target the
-    view it names.
+    describe the object really at that cell (a lookup by content restates its key: ``view V KEY at row R ...``),
+    and a count step ``view V word: n, total t`` must give the true count and running total; each must be the
+    lookup the question calls for at that position and target the view it names.
     """
     try:
         sol = solve(scene, question)
@@ -245,12 +254,14 @@ def check_steps(scene: Scene, question: str, steps: Sequence[tuple[str, int | No
         if int(m.group(1)) != i + 1:
             errors.append(f"{where}: marked #{m.group(1)}, expected #{i + 1}")
         if lookup:
-            v, r, c = int(m.group(2)) - 1, int(m.group(3)) - 1, int(m.group(4)) - 1
+            v, r, c = int(m.group(2)) - 1, int(m.group(4)) - 1, int(m.group(5)) - 1
             if (v, r, c) != (exp.view, exp.row, exp.col):
                 errors.append(f"{where}: looks at the wrong cell, expected view {exp.view + 1} row "
                               f"{exp.row + 1} col {exp.col + 1}")
                 continue
-            said = " ".join(m.group(5, 6, 7))
+            if m.group(3) != exp.key:
+                errors.append(f"{where}: restates {m.group(3)!r} as what it searched for, expected {exp.key!r}")
+            said = " ".join(m.group(6, 7, 8))
             if said != _describe(scene, v, r, c):
                 errors.append(f"{where}: the cell holds {_describe(scene, v, r, c)!r}")
         else:
