@@ -217,8 +217,32 @@ def test_stage0_find_mixes_find_records_into_the_all_view_phase(world, tmp_path)
     ids = sorted(r.id for f in ("read.jsonl", "find.jsonl") for r in load_records(world / f))
     assert sorted(r.id for r in mixed) == ids and all(p.is_file() for r in mixed for p in r.images)
     c = DemoConfig()
-    assert stage0_data(c, world).name == "read.jsonl"
-    assert stage0_data(dataclasses.replace(c, stage0_find=True), world).name == "stage0.jsonl"
+    assert stage0_data(c, world).name == "stage0.jsonl"
+    assert stage0_data(dataclasses.replace(c, stage0_find=False), world).name == "read.jsonl"
+
+
+def test_one_view_find_records_find_within_the_one_image(world):
+    from valr.data import load_records
+    from valr.demo import find_records
+    from valr.synth.dataset import load_labels, scene_from_labels
+
+    f = world / "find_one_view.jsonl"
+    find_records(world, f, seed=0, per_scene=2, one_view=True)
+    recs = load_records(f)
+    one = [r for r in recs if len(r.images) == 1]
+    assert one and len(one) < len(recs)  # every other record
+    labels = load_labels(world)
+    for r in one:
+        scene = scene_from_labels(labels, r, world)  # a one-image record's scene has that view only
+        assert "view" not in r.question and all(s.target.image_index == 0 for s in r.steps)
+        for i, (item, step) in enumerate(zip(r.question.removeprefix("which cell: ").rstrip(".").split(", "),
+                                             r.steps, strict=True)):
+            marker, *words = item.split()
+            head, said = step.text.split(": ")
+            m, *key, at, _, row, _, col = head.split()
+            assert m == marker == f"#{i + 1}" and key == words and at == "at"
+            assert said == scene.obj(0, int(row) - 1, int(col) - 1).describe()
+            assert set(words) <= set(said.split())
 
 
 def test_one_view_reads_keep_single_view_records_with_valid_paths(world, tmp_path):

@@ -110,11 +110,10 @@ class DemoConfig:
     stage0_read_target: float = 0.9
     stage0_extra_steps: int = 100
     stage0_max_extensions: int = 2
-    # train the all-view phase and its extensions on the inverse lookup too, finding a cell by content ("which
-    # cell: #1 red in view 2" -> "#1 view 2 row 3 col 1: ..."), a third of the records. Chains need it for every
-    # colour or shape move; off because 200 mixed + 300 find-only steps left it at chance (docs/results.md). The
-    # probe (find_cells) runs either way
-    stage0_find: bool = False
+    # train stage 0 on the inverse lookup too, finding a cell by content ("which cell: #1 red in view 2" -> "#1
+    # view 2 red at row 3 col 1: ..."; half in one view), a third of the records. Chains need it for every colour
+    # or shape move and where's start. The probe (find_cells) runs either way
+    stage0_find: bool = True
     # CoT training (optimizer steps; stages 1 and 2 use the same batch size)
     batch_size: int = 16
     stage1_steps: int = 400
@@ -363,13 +362,14 @@ def read_records(world_dir: Path, out_file: Path, seed: int, per_scene: int = 4,
 
 
 def find_records(world_dir: Path, out_file: Path, seed: int, per_scene: int = 2, items: tuple[int, int] = (1, 8),
-                 split: str = "train") -> int:
+                 split: str = "train", one_view: bool = False) -> int:
     """Stage-0 records for the inverse lookup, finding a cell by content: "which cell: #1 red in view 2, #2 cube
     in view 4, #3 red cube in view 1." -> "#1 view 2 red at row 3 col 1: large red cube", ... (the CoT's format of
     a lookup by content). Each item names a colour, a shape or both that exactly one object of that view has; a
     record has a random number of items in ``items``. Chains need this lookup wherever a step goes to "the object
     of the same colour/shape in view V" or starts at a named object, and reading by address does not teach it
-    (docs/results.md)."""
+    (docs/results.md). With ``one_view`` every other record finds in one view, like the one-view read records
+    ("which cell: #1 red, #2 cube." -> "#1 red at row 3 col 1: large red cube", ...), for stage 0's first phase."""
     import numpy as np
 
     from valr.data.records import Record, Step, StepTarget
@@ -389,18 +389,26 @@ def find_records(world_dir: Path, out_file: Path, seed: int, per_scene: int = 2,
             seen = Counter(n for ns in names.values() for n in ns)  # colour and shape words never coincide
             findable.update({cell: [n for n in ns if seen[n] == 1] for cell, ns in names.items()
                              if any(seen[n] == 1 for n in ns)})
-        cells = list(findable)
         for j in range(per_scene):
+            view = int(rng.integers(scene.n_views)) if one_view and j % 2 == 0 else None
+            cells = [p for p in findable if view is None or p[0] == view]
             pick = [cells[i] for i in rng.permutation(len(cells))[:int(rng.integers(lo, hi + 1))]]
             if not pick:
                 continue
             said = [findable[p][int(rng.integers(len(findable[p])))] for p in pick]
-            q = "which cell: " + ", ".join(f"{marker(i + 1)} {w} in view {p[0] + 1}"
-                                           for i, (p, w) in enumerate(zip(pick, said, strict=True))) + "."
-            steps = tuple(Step(lookup_text(scene, p, i + 1, key=w), StepTarget(image_index=p[0]))
-                          for i, (p, w) in enumerate(zip(pick, said, strict=True)))
-            out.append(Record(id=f"find-{rec.meta['scene']}-{j}", question=q, steps=steps, answer=str(len(pick)),
-                              images=rec.images, meta={"family": "find", "n_steps": len(steps)}))
+            pairs = list(enumerate(zip(pick, said, strict=True)))
+            if view is None:
+                q = "which cell: " + ", ".join(f"{marker(i + 1)} {w} in view {p[0] + 1}" for i, (p, w) in pairs)
+                steps = tuple(Step(lookup_text(scene, p, i + 1, key=w), StepTarget(image_index=p[0]))
+                              for i, (p, w) in pairs)
+                images = rec.images
+            else:  # the view is the only image: the step names no view
+                q = "which cell: " + ", ".join(f"{marker(i + 1)} {w}" for i, (_, w) in pairs)
+                steps = tuple(Step(f"{marker(i + 1)} " + lookup_text(scene, p, key=w).split(" ", 2)[2],
+                                   StepTarget(image_index=0)) for i, (p, w) in pairs)
+                images = (rec.images[view],)
+            out.append(Record(id=f"find-{rec.meta['scene']}-{j}", question=q + ".", steps=steps,
+                              answer=str(len(pick)), images=images, meta={"family": "find", "n_steps": len(steps)}))
     return _write_shuffled(out, rng, out_file)
 
 
@@ -415,7 +423,8 @@ def mix_records(sources: list[Path], dst: Path, seed: int) -> Path:
 
 
 def stage0_data(c: DemoConfig, wdir: Path) -> Path:
-    """The all-view phase's records: read records, plus find records when ``c.stage0_find``."""
+    """Stage 0's records: read records, plus find records when ``c.stage0_find`` (the one-view phase takes the
+    one-view records of either kind)."""
     return wdir / ("stage0.jsonl" if c.stage0_find else "read.jsonl")
 
 
@@ -1173,7 +1182,7 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
     world_key["text_format"] = 2
     world_key["read_records"] = 2  # 2: read records of n_min..n_max cells (1: always 4)
     if c.stage0_find:
-        world_key["find_records"] = 2  # 2: steps restate the key (text format 3)
+        world_key["find_records"] = 2  # 2: steps restate the key (text format 3), half of them in one view
 
     def do_world(d: Path):
         from valr.synth.dataset import make_world_dataset
@@ -1186,7 +1195,7 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
         n_read = read_records(d, d / "read.jsonl", c.seed, cells=(c.n_min, c.n_max))
         read_records(d, d / "read_val.jsonl", c.seed, cells=(c.n_min, c.n_max), split="val")  # the reading probe
         if c.stage0_find:
-            find_records(d, d / "find.jsonl", c.seed, items=(c.n_min, c.n_max))
+            find_records(d, d / "find.jsonl", c.seed, items=(c.n_min, c.n_max), one_view=True)
             mix_records([d / "read.jsonl", d / "find.jsonl"], d / "stage0.jsonl", c.seed)
         return {**{k: m[k] for k in ("n_scenes", "n_distribution", "tokenizer_vocab_size", "avg_tokens_per_step",
                                      "n_images")}, "n_shaded_images": shaded, "n_read_records": n_read}
@@ -1248,7 +1257,7 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
     start, up = Path(vision["checkpoint"]), "vision"
     if c.stage0_oneview_steps > 0:
         start = reading_stage(c, st, training, "stage0_one_view", up, start, c.stage0_oneview_steps,
-                              lambda d: one_view_reads(wdir / "read.jsonl", d / "read_one_view.jsonl"), progress)
+                              lambda d: one_view_reads(stage0_data(c, wdir), d / "read_one_view.jsonl"), progress)
         up = "stage0_one_view"
     reading_stage(c, st, training, "stage0", up, start, c.stage0_steps, stage0_data(c, wdir), progress)
     stage0_final, stage0_checks = reading_to_target(c, st, training, wdir, cdir, progress)
