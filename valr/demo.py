@@ -590,44 +590,52 @@ def token_role(prev: str, word: str, objects: set[str], seen: bool = True) -> st
     return "object" if seen else "key"
 
 
-def step_token_accuracy(loaded: Any, records_file: Path, n: int = 128, batch: int = 32, per_step: bool = True
-                        ) -> dict[str, float]:
+def step_token_accuracy(loaded: Any, records_file: Path, n: int = 128, batch: int = 32, per_step: bool = True,
+                        k: int = 0, layer: int | None = None) -> dict[str, float]:
     """Teacher-forced accuracy of chain tokens by role (:data:`STEP_ROLES`), in the first step and in later steps,
     per question family, e.g. ``{"chase/first_view": 0.9, "chase/later_cell": 0.4, ...}``. Localises a chain's
     failure: a first step's view and cell come from the question (copying), later ones from an instruction found
     by its marker and, for chase/where, from the object found in that view (naming its cell); object words are
     reading. The answer is not included (the evaluation scores it). ``per_step=False`` pools first and later
-    steps: ``{"find/cell": 0.3, ...}``."""
+    steps: ``{"find/cell": 0.3, ...}``. ``k > 0`` lays the chains out with ``k`` latent steps before each step and
+    runs the latent forward (alignment layer ``layer``), the layout a latent variant was trained and answers in."""
     import torch
 
     from valr.data import LayoutConfig, load_records, make_batch
     from valr.data.layout import IGNORE
-    from valr.engine import forward_plain
+    from valr.engine import forward_latent, forward_plain
     from valr.synth.world import COLOURS, SHAPES, SIZES
+    from valr.tokens import LatentTokenIds
 
     bb, tok = loaded.backbone, loaded.tokenizer
     objects = {*SIZES, *COLOURS, *SHAPES}
-    lay = LayoutConfig(k=0)
+    lay = LayoutConfig(k=k)
+    if k > 0 and layer is None:
+        raise ValueError("step_token_accuracy with latent steps (k > 0) needs the alignment layer")
+    lat = LatentTokenIds.from_tokenizer(tok) if k > 0 else None
     recs = load_records(records_file)[:n]
     hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     with torch.no_grad():
         for i in range(0, len(recs), batch):
             rs = recs[i:i + batch]
-            b = make_batch(rs, tok, bb, lay)
-            pred = bb.logits(forward_plain(bb, b).hidden).argmax(-1)
+            b = make_batch(rs, tok, bb, lay, lat)
+            out = forward_plain(bb, b) if k == 0 else forward_latent(bb, b, layer, "exact")  # type: ignore[arg-type]
+            pred = bb.logits(out.hidden).argmax(-1)
             for j, r in enumerate(rs):
                 pos = int((b.labels[j] != IGNORE).nonzero()[0])  # the response's first token
                 fam = str((r.meta or {}).get("family", "all"))
-                for k, step in enumerate(r.steps):  # laid out exactly as the layout does: each step on its own
+                for s_i, step in enumerate(r.steps):  # laid out exactly as the layout does: each step on its own
+                    if k > 0:
+                        pos += k + 2  # <latent>, k slots, </latent>
                     piece = tok(step.text.rstrip(lay.step_delimiter) + lay.step_delimiter,
                                 add_special_tokens=False)["input_ids"]
                     if b.input_ids[j, pos:pos + len(piece)].tolist() != piece:
-                        raise ValueError(f"record {r.id}: step {k + 1} is not where the layout puts it")
+                        raise ValueError(f"record {r.id}: step {s_i + 1} is not where the layout puts it")
                     words = [tok.decode([t]).strip() for t in piece]
                     for t in range(1, len(piece)):
                         role = token_role(words[t - 1], words[t], objects, seen=":" in words[:t])
                         if role:
-                            key = f"{fam}/{('first_' if k == 0 else 'later_') if per_step else ''}{role}"
+                            key = f"{fam}/{('first_' if s_i == 0 else 'later_') if per_step else ''}{role}"
                             hits[key][0] += int(pred[j, pos + t - 1] == piece[t])
                             hits[key][1] += 1
                     pos += len(piece)
@@ -1338,10 +1346,12 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
             loaded = load_checkpoint(ckpts[n])
             res[n] = perception_probe(loaded, wdir / "read_val.jsonl", cdir / "find_val.jsonl")
             if n in ("stage1", "sft", "latent_no_align", "valr_s"):  # where do chains go wrong?
-                res[n]["step_tokens"] = step_token_accuracy(loaded, cdir / "val.jsonl", n=min(128, c.n_val))
+                k = 0 if n in ("stage1", "sft") else c.k  # each model in the layout it was trained in
+                res[n]["step_tokens"] = step_token_accuracy(loaded, cdir / "val.jsonl", n=min(128, c.n_val), k=k,
+                                                            layer=c.align_layer)
         return res
 
-    reading = st.run("eval/reading", {"up": [st.fps[n] for n in st.fps if not n.startswith("eval/")], "v": 5},
+    reading = st.run("eval/reading", {"up": [st.fps[n] for n in st.fps if not n.startswith("eval/")], "v": 6},
                      do_reading)
 
     # 7. results
