@@ -217,8 +217,8 @@ def test_stage0_find_mixes_find_records_into_the_all_view_phase(world, tmp_path)
     ids = sorted(r.id for f in ("read.jsonl", "find.jsonl") for r in load_records(world / f))
     assert sorted(r.id for r in mixed) == ids and all(p.is_file() for r in mixed for p in r.images)
     c = DemoConfig()
-    assert stage0_data(c, world).name == "stage0.jsonl"
-    assert stage0_data(dataclasses.replace(c, stage0_find=False), world).name == "read.jsonl"
+    assert stage0_data(c, world).name == "read.jsonl"
+    assert stage0_data(dataclasses.replace(c, stage0_find=True), world).name == "stage0.jsonl"
 
 
 def test_one_view_find_records_find_within_the_one_image(world):

@@ -9,13 +9,18 @@ checkpoint):
                  questions whose every step is one lookup in one view (N = 1..n_max steps), labels.npz. Two
                  perception aids: the world's own ``cell_tint`` (a cell's row/col shade its background) and a
                  per-view background shade (:func:`shade_views`), so a visual token's pixels say where it is.
+   ``chains``    the same scenes and questions written in the current text format, over the world's images
+                 (hard links): stage 1 on trains and evaluates on these, so a change to how chains are written
+                 reruns stage 1 on and not perception.
 2. ``teacher``   the perception teacher (``valr.synth.teacher``): a small Dinov2Model trained on the per-cell
                  labels of the training views, frozen afterwards. It plays DINOv3's role.
 3. ``vision``    a random tiny Qwen2.5-VL (transformers class, world tokenizer, latent tokens) whose own vision
                  tower is pretrained on the same dense labels (:func:`pretrain_vision`; the stand-in for the
                  pretrained ViT of a real MLLM).
 4. ``stage0``    the language model learns to read cells by address ("read view 3 row 2 col 1, ..." ->
-                 "view 3 row 2 col 1: large red cube"), the primitive every reasoning step uses.
+                 "view 3 row 2 col 1: large red cube") and to find them by content ("which cell: red in view 2"
+                 -> "view 2 red at row 3 col 1: ..."), the two lookups every reasoning step uses; one view first,
+                 then all views, then extensions while held-out reading is under target.
 5. ``stage1``    chain-of-thought SFT on the training records (vision tower frozen from here on, as in the paper).
 6. variants, each from the stage-1 checkpoint with the same number of steps and the same LR schedule:
    ``sft``              stage 1 continued (so SFT trains as long as stage 1 + stage 2 together),
@@ -112,8 +117,9 @@ class DemoConfig:
     stage0_max_extensions: int = 2
     # train stage 0 on the inverse lookup too, finding a cell by content ("which cell: #1 red in view 2" -> "#1
     # view 2 red at row 3 col 1: ..."; half in one view), a third of the records. Chains need it for every colour
-    # or shape move and where's start. The probe (find_cells) runs either way
-    stage0_find: bool = True
+    # or shape move and where's start; off because mixed in from the start it left finding at chance and slowed
+    # reading (all views 47-59% after 500 steps instead of 85-87%: docs/results.md). The probe runs either way
+    stage0_find: bool = False
     # CoT training (optimizer steps; stages 1 and 2 use the same batch size)
     batch_size: int = 16
     stage1_steps: int = 400
