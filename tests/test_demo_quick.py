@@ -33,8 +33,8 @@ def test_demo_quick_writes_documented_files(tmp_path):
     assert res["seed"] == 3 and res["quick"] is True
     assert isinstance(res["config"], dict) and res["config"]["k"] >= 1
     assert res["stage_seconds"] and all(isinstance(s, (int, float)) and s >= 0 for s in res["stage_seconds"].values())
-    for stage in ("world", "teacher", "stage0_one_view", "stage0", "stage1", "sft", "latent_no_align", "valr_s",
-                  "valr_m"):
+    for stage in ("world", "chains", "teacher", "stage0_one_view", "stage0", "stage0_find_one_view", "stage0_find",
+                  "stage1", "sft", "latent_no_align", "valr_s", "valr_m"):
         assert stage in res["stage_seconds"], stage
     assert set(VARIANTS) <= set(res["variants"])
     n_max = res["config"]["n_max"]
@@ -59,7 +59,8 @@ def test_demo_quick_writes_documented_files(tmp_path):
     assert 0 < res["variants"]["valr_s"]["training"]["align_of_mean_feature"]["percept"] < 2
     assert "align_of_mean_feature" not in res["variants"]["sft"]["training"]
     # the held-out reading probe covers every stage up to the variants, own and swapped images
-    assert {"vision", "stage0_one_view", "stage0", "stage1", "sft", "valr_s"} <= set(res["reading"])
+    assert {"vision", "stage0_one_view", "stage0", "stage0_find_one_view", "stage0_find", "stage1", "sft",
+            "valr_s"} <= set(res["reading"])
     for name, probe in res["reading"].items():
         tokens = probe.pop("step_tokens", None)
         assert (tokens is not None) == (name in ("stage1", "sft", "latent_no_align", "valr_s")), name

@@ -120,6 +120,11 @@ class DemoConfig:
     # or shape move and where's start; off because mixed in from the start it left finding at chance and slowed
     # reading (all views 47-59% after 500 steps instead of 85-87%: docs/results.md). The probe runs either way
     stage0_find: bool = False
+    # finding after reading (measured to work in development runs, docs/results.md items 11-12): once stage 0
+    # reads, find_oneview_steps on one-view find records, then find_steps on all-view find records mixed with the
+    # read records; each its own cached stage, so a finished stage 0 is reused (0: skip)
+    find_oneview_steps: int = 0
+    find_steps: int = 0
     # CoT training (optimizer steps; stages 1 and 2 use the same batch size)
     batch_size: int = 16
     stage1_steps: int = 400
@@ -154,7 +159,7 @@ class DemoConfig:
                    intermediate=128, vision_hidden=32, vision_heads=2,
                    teacher=TeacherTrainConfig(hidden=32, layers=1, heads=2, steps=8, batch_size=16),
                    vision_steps=4, stage0_batch_size=8, stage0_oneview_steps=3, stage0_steps=4, stage0_extra_steps=2,
-                   stage0_max_extensions=1, batch_size=8,
+                   stage0_max_extensions=1, find_oneview_steps=2, find_steps=2, batch_size=8,
                    stage1_steps=4,
                    stage2_steps=3, num_workers=0, projector_width=32, valr_m=True, data_fraction=0.25,
                    eval_batch_size=16,
@@ -164,7 +169,8 @@ class DemoConfig:
         """The same demo with every training stage ``factor`` times longer (more compute, same recipe)."""
         if factor == 1:
             return self
-        names = ("vision_steps", "stage0_oneview_steps", "stage0_steps", "stage1_steps", "stage2_steps")
+        names = ("vision_steps", "stage0_oneview_steps", "stage0_steps", "find_oneview_steps", "find_steps",
+                 "stage1_steps", "stage2_steps")
         steps = {k: max(1, round(getattr(self, k) * factor)) if getattr(self, k) else 0 for k in names}
         return dataclasses.replace(self, **steps)
 
@@ -458,6 +464,29 @@ def perception_probe(loaded: Any, read_file: Path, find_file: Path) -> dict[str,
     return out
 
 
+def finding_stages(c: DemoConfig, st: Stages, training: dict[str, Any], wdir: Path, up: str, progress: bool
+                   ) -> str:
+    """Teach finding a cell by content after reading: ``c.find_oneview_steps`` on one-view find records, then
+    ``c.find_steps`` on all-view find records mixed with the read records (so reading is kept). The records are
+    written in each stage's own directory from the world's scenes. Returns the last stage's name."""
+    lo_hi = (c.n_min, c.n_max)
+
+    def one_view(d: Path) -> Path:
+        find_records(wdir, d / "find.jsonl", c.seed, per_scene=8, items=lo_hi, one_view=True)
+        return one_view_reads(d / "find.jsonl", d / "find_one_view.jsonl")
+
+    def mixed(d: Path) -> Path:
+        find_records(wdir, d / "find.jsonl", c.seed, items=lo_hi)
+        return mix_records([wdir / "read.jsonl", d / "find.jsonl"], d / "read_find.jsonl", c.seed)
+
+    for name, steps, data in (("stage0_find_one_view", c.find_oneview_steps, one_view),
+                              ("stage0_find", c.find_steps, mixed)):
+        if steps > 0:
+            reading_stage(c, st, training, name, up, Path(training[up]["checkpoint"]), steps, data, progress)
+            up = name
+    return up
+
+
 def one_view_reads(src: Path, dst: Path) -> Path:
     """The single-view records of a stage-0 read file (the curriculum's first phase), written to ``dst``
     with image paths rewritten so they still resolve."""
@@ -465,7 +494,7 @@ def one_view_reads(src: Path, dst: Path) -> Path:
 
     recs = [r for r in load_records(src) if len(r.images) == 1]
     if not recs:
-        raise ValueError(f"{src} has no single-view read records; regenerate the world (valr demo --out ...)")
+        raise ValueError(f"{src} has no single-view records; regenerate the world (valr demo --out ...)")
     dst.parent.mkdir(parents=True, exist_ok=True)
     write_records(recs, dst)
     return dst
@@ -1274,7 +1303,8 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
                               lambda d: one_view_reads(stage0_data(c, wdir), d / "read_one_view.jsonl"), progress)
         up = "stage0_one_view"
     reading_stage(c, st, training, "stage0", up, start, c.stage0_steps, stage0_data(c, wdir), progress)
-    stage0_final, stage0_checks = reading_to_target(c, st, training, wdir, cdir, progress)
+    stage0_read, stage0_checks = reading_to_target(c, st, training, wdir, cdir, progress)
+    stage0_final = finding_stages(c, st, training, wdir, stage0_read, progress)
 
     def stage1(name: str, fraction: float):
         def fn(d: Path):
@@ -1342,8 +1372,8 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
 
     # reading probe: does each stage's model read cells by address? (held-out validation scenes)
     def do_reading(d: Path):
-        names = ["vision", *(n for n in ("stage0_one_view", "stage0", "stage1", "sft", "latent_no_align", "valr_s")
-                             if n in training)]
+        names = ["vision", *(n for n in ("stage0_one_view", "stage0", "stage0_find_one_view", "stage0_find", "stage1",
+                                        "sft", "latent_no_align", "valr_s") if n in training)]
         ckpts = {"vision": vision["checkpoint"], **{n: training[n]["checkpoint"] for n in names[1:]}}
         from valr.checkpoint import load_checkpoint
 
