@@ -120,9 +120,10 @@ class DemoConfig:
     # or shape move and where's start; off because mixed in from the start it left finding at chance and slowed
     # reading (all views 47-59% after 500 steps instead of 85-87%: docs/results.md). The probe runs either way
     stage0_find: bool = False
-    # finding after reading (measured to work in development runs, docs/results.md items 11-12): once stage 0
-    # reads, find_oneview_steps on one-view find records, then find_steps on all-view find records mixed with the
-    # read records; each its own cached stage, so a finished stage 0 is reused (0: skip)
+    # finding after reading: once stage 0 reads, find_oneview_steps on one-view find records, then find_steps on
+    # all-view find records mixed with the read records; each its own cached stage, so a finished stage 0 is
+    # reused (0: skip). 800 + 500 worked in one development run and not in one full demo run (docs/results.md
+    # items 12-13): off until it is reliable
     find_oneview_steps: int = 0
     find_steps: int = 0
     # CoT training (optimizer steps; stages 1 and 2 use the same batch size)
