@@ -345,7 +345,7 @@ def read_records(world_dir: Path, out_file: Path, seed: int, per_scene: int = 4,
     import numpy as np
 
     from valr.data.records import Record, Step, StepTarget
-    from valr.synth.questions import lookup_text, marker, read_line
+    from valr.synth.questions import lookup_text, read_line
 
     lo, hi = _count_range("cells", cells)
     scenes = _world_scenes(world_dir, split)
@@ -359,8 +359,8 @@ def read_records(world_dir: Path, out_file: Path, seed: int, per_scene: int = 4,
                 occ = scene.cells(v)
                 pick = [(v, *occ[i]) for i in rng.permutation(len(occ))[:n]]
                 q = read_line(pick, with_view=False)
-                steps = tuple(Step(f"{marker(i + 1)} " + lookup_text(scene, p).split(" ", 2)[2],
-                                   StepTarget(image_index=0)) for i, p in enumerate(pick))
+                steps = tuple(Step(lookup_text(scene, p, i + 1, with_view=False), StepTarget(image_index=0))
+                              for i, p in enumerate(pick))
                 images = (rec.images[v],)
             else:  # all views, addressed by view
                 occ = [(v, r, c) for v in range(scene.n_views) for r, c in scene.cells(v)]
@@ -410,16 +410,12 @@ def find_records(world_dir: Path, out_file: Path, seed: int, per_scene: int = 2,
                 continue
             said = [findable[p][int(rng.integers(len(findable[p])))] for p in pick]
             pairs = list(enumerate(zip(pick, said, strict=True)))
-            if view is None:
-                q = "which cell: " + ", ".join(f"{marker(i + 1)} {w} in view {p[0] + 1}" for i, (p, w) in pairs)
-                steps = tuple(Step(lookup_text(scene, p, i + 1, key=w), StepTarget(image_index=p[0]))
-                              for i, (p, w) in pairs)
-                images = rec.images
-            else:  # the view is the only image: the step names no view
-                q = "which cell: " + ", ".join(f"{marker(i + 1)} {w}" for i, (_, w) in pairs)
-                steps = tuple(Step(f"{marker(i + 1)} " + lookup_text(scene, p, key=w).split(" ", 2)[2],
-                                   StepTarget(image_index=0)) for i, (p, w) in pairs)
-                images = (rec.images[view],)
+            all_views = view is None  # else the view is the record's only image: nothing names it
+            q = "which cell: " + ", ".join(f"{marker(i + 1)} {w}" + (f" in view {p[0] + 1}" if all_views else "")
+                                           for i, (p, w) in pairs)
+            steps = tuple(Step(lookup_text(scene, p, i + 1, key=w, with_view=all_views),
+                               StepTarget(image_index=p[0] if all_views else 0)) for i, (p, w) in pairs)
+            images = rec.images if all_views else (rec.images[view],)
             out.append(Record(id=f"find-{rec.meta['scene']}-{j}", question=q + ".", steps=steps,
                               answer=str(len(pick)), images=images, meta={"family": "find", "n_steps": len(steps)}))
     return _write_shuffled(out, rng, out_file)
@@ -1228,13 +1224,17 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
     if c.stage0_find:
         world_key["find_records"] = 2  # 2: steps restate the key (text format 3), half of them in one view
 
-    def do_world(d: Path):
+    def make_world(d: Path, render: bool) -> dict[str, Any]:
+        """The world's scenes and questions in ``d`` (the same for the world and chains stages)."""
         from valr.synth.dataset import make_world_dataset
         from valr.synth.world import WorldConfig
 
-        m = make_world_dataset(d, seed=c.seed, n_train=c.n_train, n_val=c.n_val, n_test=c.n_test,
-                               n_range=(c.n_min, c.n_max), n_views=c.n_views,
-                               world=WorldConfig(cell_tint=c.cell_tint))
+        return make_world_dataset(d, seed=c.seed, n_train=c.n_train, n_val=c.n_val, n_test=c.n_test,
+                                  n_range=(c.n_min, c.n_max), n_views=c.n_views,
+                                  world=WorldConfig(cell_tint=c.cell_tint), render=render)
+
+    def do_world(d: Path):
+        m = make_world(d, render=True)
         shaded = shade_views(d, c.view_shade, c.cell_tint)
         n_read = read_records(d, d / "read.jsonl", c.seed, cells=(c.n_min, c.n_max))
         read_records(d, d / "read_val.jsonl", c.seed, cells=(c.n_min, c.n_max), split="val")  # the reading probe
@@ -1248,12 +1248,7 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
     wdir = out / "world"
 
     def do_chains(d: Path):
-        from valr.synth.dataset import make_world_dataset
-        from valr.synth.world import WorldConfig
-
-        m = make_world_dataset(d, seed=c.seed, n_train=c.n_train, n_val=c.n_val, n_test=c.n_test,
-                               n_range=(c.n_min, c.n_max), n_views=c.n_views,
-                               world=WorldConfig(cell_tint=c.cell_tint), render=False)
+        m = make_world(d, render=False)
         n_images = link_images(wdir / "images", d / "images")
         _subset(d / "val.jsonl", d / "val_small.jsonl", min(c.n_val, 64))
         n_find = find_records(d, d / "find_val.jsonl", c.seed, items=(c.n_min, c.n_max), split="val")  # a probe

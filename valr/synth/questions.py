@@ -83,8 +83,10 @@ def marker(i: int) -> str:
     return f"#{i}"
 
 
-def lookup_text(scene: Scene, cell: Cell, i: int | None = None, key: str | None = None) -> str:
-    """The text of a lookup step, e.g. ``#2 view 2 row 1 col 3: large red cube`` (no marker if ``i`` is None).
+def lookup_text(scene: Scene, cell: Cell, i: int | None = None, key: str | None = None, with_view: bool = True
+                ) -> str:
+    """The text of a lookup step, e.g. ``#2 view 2 row 1 col 3: large red cube`` (no marker if ``i`` is None;
+    ``with_view=False`` for a record whose only image is that view: ``#2 row 1 col 3: ...``).
 
     ``key`` is what a lookup by content searched for, restated before the cell it found: ``#2 view 2 red at row 1
     col 3: large red cube``. With the key restated the cell is one lookup from a word just written instead of two
@@ -94,8 +96,9 @@ def lookup_text(scene: Scene, cell: Cell, i: int | None = None, key: str | None 
     obj = scene.obj(v, r, c)
     if obj is None:
         raise ValueError(f"cell {cell} is empty")
+    view = f"view {v + 1} " if with_view else ""
     found = f"{key} at " if key else ""
-    text = f"view {v + 1} {found}row {r + 1} col {c + 1}: {obj.describe()}"
+    text = f"{view}{found}row {r + 1} col {c + 1}: {obj.describe()}"
     return text if i is None else f"{marker(i)} {text}"
 
 
