@@ -51,10 +51,12 @@ def test_demo_quick_writes_documented_files(tmp_path):
     assert all(_frac(f["accuracy"]) for f in valr_s["data_fraction"].values())
     # the alignment loss is measured for the aligned variants only
     assert res["training"]["valr_s"]["align_last"] > 0 and "align_last" not in res["training"]["sft"]
-    # stage 0 below the reading target gets its extension (a toy model never reads), then is checked again
+    # after the finding stages, stage 0 below the reading target gets its extension (a toy model never reads),
+    # on the finding stage's mix of read and find records, then is checked again
     checks = res["stage0_reading_checks"]
-    assert [c["after"] for c in checks] == ["stage0", "stage0_more1"]
+    assert [c["after"] for c in checks] == ["stage0_find", "stage0_more1"]
     assert checks[0]["all_views"] < res["config"]["stage0_read_target"] and "stage0_more1" in res["training"]
+    assert "stage0_find/read_find.jsonl" in (out / "stage0_more1" / "run" / "train_config.yaml").read_text()
     # beside it, the loss of a projector that only predicts the mean teacher feature
     assert 0 < res["variants"]["valr_s"]["training"]["align_of_mean_feature"]["percept"] < 2
     assert "align_of_mean_feature" not in res["variants"]["sft"]["training"]

@@ -205,20 +205,15 @@ def test_find_records_name_a_unique_object_and_answer_with_its_cell(world):
         find_records(world, f, seed=0, items=(0, 2))
 
 
-def test_stage0_find_mixes_find_records_into_the_all_view_phase(world, tmp_path):
-    import dataclasses
-
+def test_mix_records_keeps_every_record_and_its_images(world, tmp_path):
     from valr.data import load_records
-    from valr.demo import find_records, mix_records, stage0_data
+    from valr.demo import find_records, mix_records
 
     read_records(world, world / "read.jsonl", seed=0)
     find_records(world, world / "find.jsonl", seed=0)
     mixed = load_records(mix_records([world / "read.jsonl", world / "find.jsonl"], tmp_path / "mix.jsonl", seed=0))
     ids = sorted(r.id for f in ("read.jsonl", "find.jsonl") for r in load_records(world / f))
     assert sorted(r.id for r in mixed) == ids and all(p.is_file() for r in mixed for p in r.images)
-    c = DemoConfig()
-    assert stage0_data(c, world).name == "read.jsonl"
-    assert stage0_data(dataclasses.replace(c, stage0_find=True), world).name == "stage0.jsonl"
 
 
 def test_one_view_find_records_find_within_the_one_image(world):

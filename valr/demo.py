@@ -115,15 +115,12 @@ class DemoConfig:
     stage0_read_target: float = 0.9
     stage0_extra_steps: int = 100
     stage0_max_extensions: int = 2
-    # train stage 0 on the inverse lookup too, finding a cell by content ("which cell: #1 red in view 2" -> "#1
-    # view 2 red at row 3 col 1: ..."; half in one view), a third of the records. Chains need it for every colour
-    # or shape move and where's start; off because mixed in from the start it left finding at chance and slowed
-    # reading (all views 47-59% after 500 steps instead of 85-87%: docs/results.md). The probe runs either way
-    stage0_find: bool = False
-    # finding after reading: once stage 0 reads, find_oneview_steps on one-view find records, then find_steps on
-    # all-view find records mixed with the read records; each its own cached stage, so a finished stage 0 is
-    # reused (0: skip). 800 + 500 worked in one development run and not in one full demo run (docs/results.md
-    # items 12-13): off until it is reliable
+    # finding a cell by content ("which cell: #1 red in view 2" -> "#1 view 2 red at row 3 col 1: ..."), which
+    # chains need for every colour or shape move and where's start: once stage 0's all-view phase has run,
+    # find_oneview_steps on one-view find records, then find_steps on all-view find records mixed with the read
+    # records; then the reading checks and extensions (on that mix) as without them. Each its own cached stage.
+    # 0: skip. Mixed into stage 0 from the start, finding stayed at chance and reading slowed (docs/results.md
+    # item 11); started after the reading extensions it learned less (item 13)
     find_oneview_steps: int = 0
     find_steps: int = 0
     # CoT training (optimizer steps; stages 1 and 2 use the same batch size)
@@ -431,12 +428,6 @@ def mix_records(sources: list[Path], dst: Path, seed: int) -> Path:
     return dst
 
 
-def stage0_data(c: DemoConfig, wdir: Path) -> Path:
-    """Stage 0's records: read records, plus find records when ``c.stage0_find`` (the one-view phase takes the
-    one-view records of either kind)."""
-    return wdir / ("stage0.jsonl" if c.stage0_find else "read.jsonl")
-
-
 def link_images(src: Path, dst: Path) -> int:
     """Every file under ``src`` hard-linked into ``dst`` (copied where the file system has no hard links), so the
     chains directory is a self-contained dataset without a second copy of the world's images."""
@@ -461,11 +452,13 @@ def perception_probe(loaded: Any, read_file: Path, find_file: Path) -> dict[str,
     return out
 
 
-def finding_stages(c: DemoConfig, st: Stages, training: dict[str, Any], wdir: Path, up: str, progress: bool
-                   ) -> str:
-    """Teach finding a cell by content after reading: ``c.find_oneview_steps`` on one-view find records, then
-    ``c.find_steps`` on all-view find records mixed with the read records (so reading is kept). The records are
-    written in each stage's own directory from the world's scenes. Returns the last stage's name."""
+def finding_stages(c: DemoConfig, st: Stages, training: dict[str, Any], wdir: Path, progress: bool
+                   ) -> tuple[str, Path]:
+    """Teach finding a cell by content once stage 0 has read for ``c.stage0_steps`` all-view steps:
+    ``c.find_oneview_steps`` on one-view find records, then ``c.find_steps`` on all-view find records mixed with
+    the read records (so reading goes on). The records are written in each stage's own directory from the world's
+    scenes. Returns the last stage's name and the records that stage 0's extensions should train on: the mix once
+    it exists (an extension on read records alone would train finding away), else the read records."""
     lo_hi = (c.n_min, c.n_max)
 
     def one_view(d: Path) -> Path:
@@ -476,12 +469,15 @@ def finding_stages(c: DemoConfig, st: Stages, training: dict[str, Any], wdir: Pa
         find_records(wdir, d / "find.jsonl", c.seed, items=lo_hi)
         return mix_records([wdir / "read.jsonl", d / "find.jsonl"], d / "read_find.jsonl", c.seed)
 
-    for name, steps, data in (("stage0_find_one_view", c.find_oneview_steps, one_view),
-                              ("stage0_find", c.find_steps, mixed)):
+    up, data = "stage0", wdir / "read.jsonl"
+    for name, steps, records in (("stage0_find_one_view", c.find_oneview_steps, one_view),
+                                 ("stage0_find", c.find_steps, mixed)):
         if steps > 0:
-            reading_stage(c, st, training, name, up, Path(training[up]["checkpoint"]), steps, data, progress)
+            reading_stage(c, st, training, name, up, Path(training[up]["checkpoint"]), steps, records, progress)
             up = name
-    return up
+    if up == "stage0_find":
+        data = st.root / up / "read_find.jsonl"
+    return up, data
 
 
 def one_view_reads(src: Path, dst: Path) -> Path:
@@ -1157,14 +1153,15 @@ def _machine() -> str:
             f"({torch.get_num_threads()} threads), python {platform.python_version()}")
 
 
-def reading_to_target(c: DemoConfig, st: Stages, training: dict[str, Any], wdir: Path, cdir: Path,
-                      progress: bool) -> tuple[str, list[dict[str, Any]]]:
-    """Extend stage 0 until the held-out reading probe (all views) reaches ``c.stage0_read_target``: each check and
-    each extension of ``c.stage0_extra_steps`` all-view steps is its own cached stage. Returns the name of the
-    last stage-0 stage (whose checkpoint stage 1 starts from) and the checks made."""
+def reading_to_target(c: DemoConfig, st: Stages, training: dict[str, Any], wdir: Path, cdir: Path, last: str,
+                      data: Path, progress: bool) -> tuple[str, list[dict[str, Any]]]:
+    """Extend stage 0 from stage ``last`` until the held-out reading probe (all views) reaches
+    ``c.stage0_read_target``: each check and each extension of ``c.stage0_extra_steps`` steps on ``data`` is its
+    own cached stage. Returns the name of the last stage-0 stage (whose checkpoint stage 1 starts from) and the
+    checks made."""
     from valr.checkpoint import load_checkpoint
 
-    last, checks = "stage0", []
+    checks = []
     for i in range(c.stage0_max_extensions + 1):
         def check(d: Path, ckpt=Path(training[last]["checkpoint"])):
             return perception_probe(load_checkpoint(ckpt), wdir / "read_val.jsonl", cdir / "find_val.jsonl")
@@ -1178,7 +1175,7 @@ def reading_to_target(c: DemoConfig, st: Stages, training: dict[str, Any], wdir:
 
         name = f"stage0_more{i + 1}"
         reading_stage(c, st, training, name, last, Path(training[last]["checkpoint"]), c.stage0_extra_steps,
-                      stage0_data(c, wdir), progress)
+                      data, progress)
         last = name
     return last, checks
 
@@ -1221,8 +1218,6 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
     # how chains are written does not retrain perception
     world_key["text_format"] = 2
     world_key["read_records"] = 2  # 2: read records of n_min..n_max cells (1: always 4)
-    if c.stage0_find:
-        world_key["find_records"] = 2  # 2: steps restate the key (text format 3), half of them in one view
 
     def make_world(d: Path, render: bool) -> dict[str, Any]:
         """The world's scenes and questions in ``d`` (the same for the world and chains stages)."""
@@ -1238,9 +1233,6 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
         shaded = shade_views(d, c.view_shade, c.cell_tint)
         n_read = read_records(d, d / "read.jsonl", c.seed, cells=(c.n_min, c.n_max))
         read_records(d, d / "read_val.jsonl", c.seed, cells=(c.n_min, c.n_max), split="val")  # the reading probe
-        if c.stage0_find:
-            find_records(d, d / "find.jsonl", c.seed, items=(c.n_min, c.n_max), one_view=True)
-            mix_records([d / "read.jsonl", d / "find.jsonl"], d / "stage0.jsonl", c.seed)
         return {**{k: m[k] for k in ("n_scenes", "n_distribution", "tokenizer_vocab_size", "avg_tokens_per_step",
                                      "n_images")}, "n_shaded_images": shaded, "n_read_records": n_read}
 
@@ -1296,11 +1288,11 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
     start, up = Path(vision["checkpoint"]), "vision"
     if c.stage0_oneview_steps > 0:
         start = reading_stage(c, st, training, "stage0_one_view", up, start, c.stage0_oneview_steps,
-                              lambda d: one_view_reads(stage0_data(c, wdir), d / "read_one_view.jsonl"), progress)
+                              lambda d: one_view_reads(wdir / "read.jsonl", d / "read_one_view.jsonl"), progress)
         up = "stage0_one_view"
-    reading_stage(c, st, training, "stage0", up, start, c.stage0_steps, stage0_data(c, wdir), progress)
-    stage0_read, stage0_checks = reading_to_target(c, st, training, wdir, cdir, progress)
-    stage0_final = finding_stages(c, st, training, wdir, stage0_read, progress)
+    reading_stage(c, st, training, "stage0", up, start, c.stage0_steps, wdir / "read.jsonl", progress)
+    found, extension_data = finding_stages(c, st, training, wdir, progress)
+    stage0_final, stage0_checks = reading_to_target(c, st, training, wdir, cdir, found, extension_data, progress)
 
     def stage1(name: str, fraction: float):
         def fn(d: Path):
