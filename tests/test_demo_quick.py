@@ -68,8 +68,10 @@ def test_demo_quick_writes_documented_files(tmp_path):
         assert (tokens is not None) == (name in ("stage1", "sft", "latent_no_align", "valr_s")), name
         assert tokens is None or ({"chase/first_view", "chase/first_cell", "chase/first_object"} <= set(tokens)
                                   and all(_frac(a) for a in tokens.values()))
-        assert set(probe) == {"one_view", "all_views", "one_view_swapped_images", "all_views_swapped_images",
-                              "find_cells"}  # finding a cell by content
+        finding = {key for key in probe if key.startswith("find_by_")}  # finding a cell by content, by its key
+        assert finding and finding <= {"find_by_colour", "find_by_shape", "find_by_colour_shape"}, finding
+        assert set(probe) - finding == {"one_view", "all_views", "one_view_swapped_images",
+                                        "all_views_swapped_images", "find_cells", "find_whole_cells"}
         assert all(_frac(a) for a in probe.values())
     assert res["targets"] == {}  # quick mode makes no accuracy claims
     assert (out / "report.md").read_text().startswith("# valr demo report")

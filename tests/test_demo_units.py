@@ -277,6 +277,23 @@ def test_demo_overrides_change_the_recipe_and_reject_bad_keys():
             base.with_overrides([bad])
 
 
+def test_finding_accuracy_scores_whole_cells_by_what_the_step_looks_for(monkeypatch):
+    import valr.demo as demo
+
+    def step(text: str, wrong: set[int]):
+        words = text.split()
+        return None, 0, words, [False] + [t not in wrong for t in range(1, len(words))]
+
+    steps = [step("# 1 view 2 red at row 3 col 1 : large red cube", set()),
+             step("# 2 view 1 cube at row 2 col 4 : small blue cube", {9}),  # col wrong
+             step("# 3 red ring at row 1 col 1 : small red ring", {6, 8}),  # both wrong
+             step("# 4 cube at row 4 col 4 : large green cube", {10})]  # only an object word wrong
+    monkeypatch.setattr(demo, "teacher_forced_steps", lambda *a, **k: iter(steps))
+    acc = demo.finding_accuracy(None, "unused")
+    assert acc == {"find_cells": 5 / 8, "find_whole_cells": 2 / 4, "find_by_colour": 1.0, "find_by_shape": 0.5,
+                   "find_by_colour_shape": 0.0}
+
+
 def test_token_role_names_what_each_chain_token_carries():
     from valr.demo import token_role
 

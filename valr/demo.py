@@ -56,7 +56,7 @@ import shutil
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -445,11 +445,9 @@ def link_images(src: Path, dst: Path) -> int:
 
 
 def perception_probe(loaded: Any, read_file: Path, find_file: Path) -> dict[str, float]:
-    """:func:`reading_accuracy` on validation read records, plus ``find_cells``: teacher-forced accuracy of the
-    row/col numbers of validation find records (finding a cell by content; chance 25%)."""
-    out = reading_accuracy(loaded, read_file)
-    out["find_cells"] = step_token_accuracy(loaded, find_file, per_step=False)["find/cell"]
-    return out
+    """:func:`reading_accuracy` on validation read records and :func:`finding_accuracy` on validation find
+    records."""
+    return {**reading_accuracy(loaded, read_file), **finding_accuracy(loaded, find_file)}
 
 
 def finding_stages(c: DemoConfig, st: Stages, training: dict[str, Any], wdir: Path, progress: bool
@@ -618,31 +616,26 @@ def token_role(prev: str, word: str, objects: set[str], seen: bool = True) -> st
     return "object" if seen else "key"
 
 
-def step_token_accuracy(loaded: Any, records_file: Path, n: int = 128, batch: int = 32, per_step: bool = True,
-                        k: int = 0, layer: int | None = None) -> dict[str, float]:
-    """Teacher-forced accuracy of chain tokens by role (:data:`STEP_ROLES`), in the first step and in later steps,
-    per question family, e.g. ``{"chase/first_view": 0.9, "chase/later_cell": 0.4, ...}``. Localises a chain's
-    failure: a first step's view and cell come from the question (copying), later ones from an instruction found
-    by its marker and, for chase/where, from the object found in that view (naming its cell); object words are
-    reading. The answer is not included (the evaluation scores it). ``per_step=False`` pools first and later
-    steps: ``{"find/cell": 0.3, ...}``. ``k > 0`` lays the chains out with ``k`` latent steps before each step and
-    runs the latent forward (alignment layer ``layer``), the layout a latent variant was trained and answers in."""
+def teacher_forced_steps(loaded: Any, records_file: Path, n: int = 128, batch: int = 32, k: int = 0,
+                         layer: int | None = None) -> Iterator[tuple[Any, int, list[str], list[bool]]]:
+    """Teacher-forced predictions of chain steps: for the first ``n`` records of ``records_file``, yields
+    ``(record, step index, words, right)`` per step, ``words`` the step's tokens decoded and ``right[t]`` whether
+    the model predicted token ``t`` from the tokens before it (``right[0]`` is always False: it follows the
+    previous step). ``k > 0`` lays the chains out with ``k`` latent steps before each step and runs the latent
+    forward (alignment layer ``layer``), the layout a latent variant was trained and answers in."""
     import torch
 
     from valr.data import LayoutConfig, load_records, make_batch
     from valr.data.layout import IGNORE
     from valr.engine import forward_latent, forward_plain
-    from valr.synth.world import COLOURS, SHAPES, SIZES
     from valr.tokens import LatentTokenIds
 
     bb, tok = loaded.backbone, loaded.tokenizer
-    objects = {*SIZES, *COLOURS, *SHAPES}
     lay = LayoutConfig(k=k)
     if k > 0 and layer is None:
-        raise ValueError("step_token_accuracy with latent steps (k > 0) needs the alignment layer")
+        raise ValueError("teacher-forced steps with latent steps (k > 0) need the alignment layer")
     lat = LatentTokenIds.from_tokenizer(tok) if k > 0 else None
     recs = load_records(records_file)[:n]
-    hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     with torch.no_grad():
         for i in range(0, len(recs), batch):
             rs = recs[i:i + batch]
@@ -651,7 +644,6 @@ def step_token_accuracy(loaded: Any, records_file: Path, n: int = 128, batch: in
             pred = bb.logits(out.hidden).argmax(-1)
             for j, r in enumerate(rs):
                 pos = int((b.labels[j] != IGNORE).nonzero()[0])  # the response's first token
-                fam = str((r.meta or {}).get("family", "all"))
                 for s_i, step in enumerate(r.steps):  # laid out exactly as the layout does: each step on its own
                     if k > 0:
                         pos += k + 2  # <latent>, k slots, </latent>
@@ -659,15 +651,53 @@ def step_token_accuracy(loaded: Any, records_file: Path, n: int = 128, batch: in
                                 add_special_tokens=False)["input_ids"]
                     if b.input_ids[j, pos:pos + len(piece)].tolist() != piece:
                         raise ValueError(f"record {r.id}: step {s_i + 1} is not where the layout puts it")
-                    words = [tok.decode([t]).strip() for t in piece]
-                    for t in range(1, len(piece)):
-                        role = token_role(words[t - 1], words[t], objects, seen=":" in words[:t])
-                        if role:
-                            key = f"{fam}/{('first_' if s_i == 0 else 'later_') if per_step else ''}{role}"
-                            hits[key][0] += int(pred[j, pos + t - 1] == piece[t])
-                            hits[key][1] += 1
+                    right = [False] + [bool(pred[j, pos + t - 1] == piece[t]) for t in range(1, len(piece))]
+                    yield r, s_i, [tok.decode([t]).strip() for t in piece], right
                     pos += len(piece)
+
+
+def step_token_accuracy(loaded: Any, records_file: Path, n: int = 128, batch: int = 32, per_step: bool = True,
+                        k: int = 0, layer: int | None = None) -> dict[str, float]:
+    """Teacher-forced accuracy of chain tokens by role (:data:`STEP_ROLES`), in the first step and in later steps,
+    per question family, e.g. ``{"chase/first_view": 0.9, "chase/later_cell": 0.4, ...}``. Localises a chain's
+    failure: a first step's view and cell come from the question (copying), later ones from an instruction found
+    by its marker and, for chase/where, from the object found in that view (naming its cell); object words are
+    reading. The answer is not included (the evaluation scores it). ``per_step=False`` pools first and later
+    steps: ``{"find/cell": 0.3, ...}``. ``k``, ``layer``: as :func:`teacher_forced_steps`."""
+    from valr.synth.world import COLOURS, SHAPES, SIZES
+
+    objects = {*SIZES, *COLOURS, *SHAPES}
+    hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for r, s_i, words, right in teacher_forced_steps(loaded, records_file, n, batch, k, layer):
+        fam = str((r.meta or {}).get("family", "all"))
+        for t in range(1, len(words)):
+            role = token_role(words[t - 1], words[t], objects, seen=":" in words[:t])
+            if role:
+                key = f"{fam}/{('first_' if s_i == 0 else 'later_') if per_step else ''}{role}"
+                hits[key][0] += int(right[t])
+                hits[key][1] += 1
     return {key: a / c for key, (a, c) in sorted(hits.items()) if c}
+
+
+def finding_accuracy(loaded: Any, find_file: Path, n: int = 128) -> dict[str, float]:
+    """How well a model finds a cell by content, teacher-forced on find records: ``find_cells`` (row and col
+    numbers pooled, chance 25%), ``find_whole_cells`` (row and col both right, chance 6%; near find_cells squared
+    when the two are guessed independently) and whole cells by what the step looks for, ``find_by_colour``,
+    ``find_by_shape``, ``find_by_colour_shape`` (both words: neither alone is unique in that view)."""
+    from valr.synth.world import COLOURS, SHAPES
+
+    tokens, cells = [0, 0], defaultdict(lambda: [0, 0])
+    for _, _, words, right in teacher_forced_steps(loaded, find_file, n):
+        numbers = [right[t] for t in range(1, len(words)) if words[t - 1] in ("row", "col")]
+        key = words[:words.index("at")]
+        kind = "_".join(k for k, names in (("colour", COLOURS), ("shape", SHAPES)) if set(key) & set(names))
+        tokens[0] += sum(numbers)
+        tokens[1] += len(numbers)
+        for name in ("whole_cells", f"by_{kind}"):
+            cells[name][0] += int(all(numbers))
+            cells[name][1] += 1
+    return {"find_cells": tokens[0] / max(tokens[1], 1),
+            **{f"find_{name}": a / c for name, (a, c) in sorted(cells.items())}}
 
 
 def cache_mean_feature_loss(cache_root: Path, limit: int = 2000) -> dict[str, float]:
@@ -1166,7 +1196,7 @@ def reading_to_target(c: DemoConfig, st: Stages, training: dict[str, Any], wdir:
         def check(d: Path, ckpt=Path(training[last]["checkpoint"])):
             return perception_probe(load_checkpoint(ckpt), wdir / "read_val.jsonl", cdir / "find_val.jsonl")
 
-        result = st.run(f"stage0_check{i}", {"up": st.fps[last], "v": 4, "probes": st.fps["chains"]}, check)
+        result = st.run(f"stage0_check{i}", {"up": st.fps[last], "v": 5, "probes": st.fps["chains"]}, check)
         checks.append({"after": last, **result})
         if result["all_views"] >= c.stage0_read_target or i == c.stage0_max_extensions:
             break
@@ -1375,7 +1405,7 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
                                                             layer=c.align_layer)
         return res
 
-    reading = st.run("eval/reading", {"up": [st.fps[n] for n in st.fps if not n.startswith("eval/")], "v": 6},
+    reading = st.run("eval/reading", {"up": [st.fps[n] for n in st.fps if not n.startswith("eval/")], "v": 7},
                      do_reading)
 
     # 7. results
