@@ -33,7 +33,8 @@ def test_demo_quick_writes_documented_files(tmp_path):
     assert res["seed"] == 3 and res["quick"] is True
     assert isinstance(res["config"], dict) and res["config"]["k"] >= 1
     assert res["stage_seconds"] and all(isinstance(s, (int, float)) and s >= 0 for s in res["stage_seconds"].values())
-    for stage in ("world", "chains", "teacher", "stage0_one_view", "stage0", "stage0_find_one_view", "stage0_find",
+    for stage in ("world", "chains", "teacher", "stage0_one_view", "stage0", "stage0_find_one_view",
+                  "stage0_find_one_view2", "stage0_find",
                   "stage1", "sft", "latent_no_align", "valr_s", "valr_m"):
         assert stage in res["stage_seconds"], stage
     assert set(VARIANTS) <= set(res["variants"])
@@ -57,11 +58,15 @@ def test_demo_quick_writes_documented_files(tmp_path):
     assert [c["after"] for c in checks] == ["stage0_find", "stage0_more1"]
     assert checks[0]["all_views"] < res["config"]["stage0_read_target"] and "stage0_more1" in res["training"]
     assert "stage0_find/read_find.jsonl" in (out / "stage0_more1" / "run" / "train_config.yaml").read_text()
+    # the finding stages train at their own batch, the second one-view round from the first's model
+    round2 = (out / "stage0_find_one_view2" / "run" / "train_config.yaml").read_text()
+    assert "per_device_batch_size: 4" in round2 and "stage0_find_one_view/run/final" in round2
     # beside it, the loss of a projector that only predicts the mean teacher feature
     assert 0 < res["variants"]["valr_s"]["training"]["align_of_mean_feature"]["percept"] < 2
     assert "align_of_mean_feature" not in res["variants"]["sft"]["training"]
     # the held-out reading probe covers every stage up to the variants, own and swapped images
-    assert {"vision", "stage0_one_view", "stage0", "stage0_find_one_view", "stage0_find", "stage1", "sft",
+    assert {"vision", "stage0_one_view", "stage0", "stage0_find_one_view", "stage0_find_one_view2", "stage0_find",
+            "stage1", "sft",
             "valr_s"} <= set(res["reading"])
     for name, probe in res["reading"].items():
         tokens = probe.pop("step_tokens", None)

@@ -117,12 +117,17 @@ class DemoConfig:
     stage0_max_extensions: int = 2
     # finding a cell by content ("which cell: #1 red in view 2" -> "#1 view 2 red at row 3 col 1: ..."), which
     # chains need for every colour or shape move and where's start: once stage 0's all-view phase has run,
-    # find_oneview_steps on one-view find records, then find_steps on all-view find records mixed with the read
-    # records; then the reading checks and extensions (on that mix) as without them. Each its own cached stage.
-    # 0: skip. Mixed into stage 0 from the start, finding stayed at chance and reading slowed (docs/results.md
-    # item 11); started after the reading extensions it learned less (item 13)
+    # find_oneview_rounds rounds of find_oneview_steps on one-view find records (each round its own learning-rate
+    # schedule, from the last round's model), then find_steps on all-view find records mixed with the read
+    # records, all at batch find_batch_size; then the reading checks and extensions (on that mix) as without them.
+    # Each its own cached stage; 0 steps: skip. Like reading, finding is a late transition that some seeds reach
+    # much later than others: one round of 800 steps at batch 32 found 16-57% of one-view cells (seeds 1, 0, 2:
+    # 16 / 27 / 57%); two rounds of 1,600 at batch 16 found 95% on seed 1 (docs/results.md items 14-17). Mixed
+    # into stage 0 from the start, finding stayed at chance and reading slowed (item 11)
     find_oneview_steps: int = 0
+    find_oneview_rounds: int = 1
     find_steps: int = 0
+    find_batch_size: int = 32
     # CoT training (optimizer steps; stages 1 and 2 use the same batch size)
     batch_size: int = 16
     stage1_steps: int = 400
@@ -157,7 +162,8 @@ class DemoConfig:
                    intermediate=128, vision_hidden=32, vision_heads=2,
                    teacher=TeacherTrainConfig(hidden=32, layers=1, heads=2, steps=8, batch_size=16),
                    vision_steps=4, stage0_batch_size=8, stage0_oneview_steps=3, stage0_steps=4, stage0_extra_steps=2,
-                   stage0_max_extensions=1, find_oneview_steps=2, find_steps=2, batch_size=8,
+                   stage0_max_extensions=1, find_oneview_steps=2, find_oneview_rounds=2, find_steps=2,
+                   find_batch_size=4, batch_size=8,
                    stage1_steps=4,
                    stage2_steps=3, num_workers=0, projector_width=32, valr_m=True, data_fraction=0.25,
                    eval_batch_size=16,
@@ -468,10 +474,12 @@ def finding_stages(c: DemoConfig, st: Stages, training: dict[str, Any], wdir: Pa
         return mix_records([wdir / "read.jsonl", d / "find.jsonl"], d / "read_find.jsonl", c.seed)
 
     up, data = "stage0", wdir / "read.jsonl"
-    for name, steps, records in (("stage0_find_one_view", c.find_oneview_steps, one_view),
-                                 ("stage0_find", c.find_steps, mixed)):
+    rounds = [("stage0_find_one_view" + (str(r + 1) if r else ""), c.find_oneview_steps, one_view)
+              for r in range(c.find_oneview_rounds)]
+    for name, steps, records in [*rounds, ("stage0_find", c.find_steps, mixed)]:
         if steps > 0:
-            reading_stage(c, st, training, name, up, Path(training[up]["checkpoint"]), steps, records, progress)
+            reading_stage(c, st, training, name, up, Path(training[up]["checkpoint"]), steps, records, progress,
+                          batch=c.find_batch_size)
             up = name
     if up == "stage0_find":
         data = st.root / up / "read_find.jsonl"
@@ -1211,16 +1219,17 @@ def reading_to_target(c: DemoConfig, st: Stages, training: dict[str, Any], wdir:
 
 
 def reading_stage(c: DemoConfig, st: Stages, training: dict[str, Any], name: str, up: str, model: Path,
-                  steps: int, data: Path | Callable[[Path], Path], progress: bool) -> Path:
+                  steps: int, data: Path | Callable[[Path], Path], progress: bool, batch: int | None = None) -> Path:
     """One cached stage-0 stage: ``steps`` steps on read records (``data``, or a function of the stage directory
-    that writes them) from ``model`` (the checkpoint of stage ``up``), at stage 0's learning rate and batch.
-    Records its result in ``training[name]`` and returns its checkpoint."""
+    that writes them) from ``model`` (the checkpoint of stage ``up``), at stage 0's learning rate and ``batch``
+    (default stage 0's). Records its result in ``training[name]`` and returns its checkpoint."""
+    batch = batch or c.stage0_batch_size
+
     def fn(d: Path):
         return _train(c, d, model=model, data=data(d) if callable(data) else data, stage=1, steps=steps,
-                      lr=c.stage0_lr, batch_size=c.stage0_batch_size, progress=progress)
+                      lr=c.stage0_lr, batch_size=batch, progress=progress)
 
-    training[name] = st.run(name, {"up": st.fps[up], "steps": steps, "lr": c.stage0_lr,
-                                   "batch": c.stage0_batch_size}, fn)
+    training[name] = st.run(name, {"up": st.fps[up], "steps": steps, "lr": c.stage0_lr, "batch": batch}, fn)
     return Path(training[name]["checkpoint"])
 
 
@@ -1390,8 +1399,8 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
 
     # reading probe: does each stage's model read cells by address? (held-out validation scenes)
     def do_reading(d: Path):
-        names = ["vision", *(n for n in ("stage0_one_view", "stage0", "stage0_find_one_view", "stage0_find", "stage1",
-                                        "sft", "latent_no_align", "valr_s") if n in training)]
+        names = ["vision", *(n for n in training if n.startswith("stage0_find")
+                             or n in ("stage0_one_view", "stage0", "stage1", "sft", "latent_no_align", "valr_s"))]
         ckpts = {"vision": vision["checkpoint"], **{n: training[n]["checkpoint"] for n in names[1:]}}
         from valr.checkpoint import load_checkpoint
 
