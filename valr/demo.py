@@ -459,10 +459,12 @@ def perception_probe(loaded: Any, read_file: Path, find_file: Path) -> dict[str,
 def finding_stages(c: DemoConfig, st: Stages, training: dict[str, Any], wdir: Path, progress: bool
                    ) -> tuple[str, Path]:
     """Teach finding a cell by content once stage 0 has read for ``c.stage0_steps`` all-view steps:
-    ``c.find_oneview_steps`` on one-view find records, then ``c.find_steps`` on all-view find records mixed with
-    the read records (so reading goes on). The records are written in each stage's own directory from the world's
-    scenes. Returns the last stage's name and the records that stage 0's extensions should train on: the mix once
-    it exists (an extension on read records alone would train finding away), else the read records."""
+    ``c.find_oneview_rounds`` rounds of ``c.find_oneview_steps`` on one-view find records (each round a new
+    learning-rate schedule from the last round's model: finding is a late transition), then ``c.find_steps`` on
+    all-view find records mixed with the read records (so reading goes on), all at ``c.find_batch_size``. The
+    records are written in each stage's own directory from the world's scenes (the same records every round).
+    Returns the last stage's name and the records that stage 0's extensions should train on: the mix once it
+    exists (an extension on read records alone would train finding away), else the read records."""
     lo_hi = (c.n_min, c.n_max)
 
     def one_view(d: Path) -> Path:
