@@ -122,8 +122,9 @@ class DemoConfig:
     # records, all at batch find_batch_size; then the reading checks and extensions (on that mix) as without them.
     # Each its own cached stage; 0 steps: skip. Like reading, finding is a late transition that some seeds reach
     # much later than others: one round of 800 steps at batch 32 found 16-57% of whole one-view cells (seeds 1, 0,
-    # 2: 16 / 27 / 57%); two rounds of 1,600 at batch 16 found 95% on seed 1 (docs/results.md items 14-19). Mixed
-    # into stage 0 from the start, finding stayed at chance and reading slowed (item 11)
+    # 2: 16 / 27 / 57%); two rounds of 1,600 at batch 16 found 95% on seed 1, 67% on seed 0 (by shape 24%)
+    # (docs/results.md items 14-21). Mixed into stage 0 from the start, finding stayed at chance and reading
+    # slowed (item 11)
     find_oneview_steps: int = 0
     find_oneview_rounds: int = 1
     find_steps: int = 0
