@@ -66,8 +66,7 @@ def test_demo_quick_writes_documented_files(tmp_path):
     assert "align_of_mean_feature" not in res["variants"]["sft"]["training"]
     # the held-out reading probe covers every stage up to the variants, own and swapped images
     assert {"vision", "stage0_one_view", "stage0", "stage0_find_one_view", "stage0_find_one_view2", "stage0_find",
-            "stage1", "sft",
-            "valr_s"} <= set(res["reading"])
+            "stage1", "sft", "valr_s"} <= set(res["reading"])
     for name, probe in res["reading"].items():
         tokens = probe.pop("step_tokens", None)
         assert (tokens is not None) == (name in ("stage1", "sft", "latent_no_align", "valr_s")), name

@@ -463,7 +463,7 @@ def finding_stages(c: DemoConfig, st: Stages, training: dict[str, Any], wdir: Pa
     ``c.find_oneview_rounds`` rounds of ``c.find_oneview_steps`` on one-view find records (each round a new
     learning-rate schedule from the last round's model: finding is a late transition), then ``c.find_steps`` on
     all-view find records mixed with the read records (so reading goes on), all at ``c.find_batch_size``. The
-    records are written in each stage's own directory from the world's scenes (the same records every round).
+    records are written in the first round's and the mixed stage's directories from the world's scenes.
     Returns the last stage's name and the records that stage 0's extensions should train on: the mix once it
     exists (an extension on read records alone would train finding away), else the read records."""
     lo_hi = (c.n_min, c.n_max)
@@ -476,17 +476,17 @@ def finding_stages(c: DemoConfig, st: Stages, training: dict[str, Any], wdir: Pa
         find_records(wdir, d / "find.jsonl", c.seed, items=lo_hi)
         return mix_records([wdir / "read.jsonl", d / "find.jsonl"], d / "read_find.jsonl", c.seed)
 
-    up, data = "stage0", wdir / "read.jsonl"
-    rounds = [("stage0_find_one_view" + (str(r + 1) if r else ""), c.find_oneview_steps, one_view)
+    # later rounds train on the first round's records (the same draws: nothing to write again)
+    rounds = [("stage0_find_one_view" + (str(r + 1) if r else ""), c.find_oneview_steps,
+               one_view if r == 0 else st.root / "stage0_find_one_view" / "find_one_view.jsonl")
               for r in range(c.find_oneview_rounds)]
+    up = "stage0"
     for name, steps, records in [*rounds, ("stage0_find", c.find_steps, mixed)]:
         if steps > 0:
             reading_stage(c, st, training, name, up, Path(training[up]["checkpoint"]), steps, records, progress,
                           batch=c.find_batch_size)
             up = name
-    if up == "stage0_find":
-        data = st.root / up / "read_find.jsonl"
-    return up, data
+    return up, st.root / up / "read_find.jsonl" if up == "stage0_find" else wdir / "read.jsonl"
 
 
 def one_view_reads(src: Path, dst: Path) -> Path:
