@@ -13,6 +13,7 @@ from PIL import Image
 
 from valr.cli import main
 from valr.diagnostics import collapse as collapse_mod
+from valr.diagnostics import dilution as dilution_mod
 from valr.diagnostics import faithfulness as faith_mod
 from valr.diagnostics.common import (
     attention_mass,
@@ -127,6 +128,7 @@ def test_dilution_command_compares_two_models(setup, tmp_path, capsys):
     assert v["max_total_error"] < 1e-5 and v["n_samples"] == 4
     assert v["by_kind"]["latent"]["cos"] is not None and v["by_kind"]["step"]["mass"] > 0
     assert v["segment_alignment"]["n"] > 0 and v["segment_alignment"]["target"] is not None
+    assert 0.0 <= v["segment_alignment"]["picks_target"] <= 1.0
     assert p["by_kind"]["latent"]["cos"] is None and "no trained projector" in p["probe"]["note"]
     assert [x["position"] for x in v["by_position"]] == list(range(len(v["by_position"])))
     assert "[dilution]" in capsys.readouterr().out
@@ -137,6 +139,20 @@ def test_dilution_command_compares_two_models(setup, tmp_path, capsys):
                  "2"]) == 0
     rep2 = json.loads((out2 / "dilution.json").read_text())
     assert rep2["models"]["plain"]["probe"]["projector_from"] == str(valr)
+
+
+def test_segment_alignment_summary_counts_segments_that_pick_their_target():
+    def sample(segments):
+        return {"kinds": ["latent"], "lines": [0], "mass": [0.5], "mass_layers": [[0.5]], "target_mass": [None],
+                "cos": [None], "max_total_error": 0.0, "segments": segments}
+
+    segs = [{"segment": 0, "line": 0, "target": 0.9, "other": 0.5, "picks_target": True},
+            {"segment": 1, "line": 1, "target": 0.6, "other": 0.5, "picks_target": False},  # one other beat it
+            {"segment": 0, "line": 0, "target": 0.2, "other": 0.4, "picks_target": False}]
+    rep = dilution_mod.aggregate([sample(segs[:2]), sample(segs[2:])], n_layers=1, min_count=1)
+    sa = rep["segment_alignment"]
+    assert sa["n"] == 3 and sa["picks_target"] == pytest.approx(1 / 3)
+    assert sa["target"] == pytest.approx((0.9 + 0.6 + 0.2) / 3) and sa["other"] == pytest.approx(0.5 - 0.1 / 3)
 
 
 def test_probe_teacher_override(setup):

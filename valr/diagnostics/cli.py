@@ -163,7 +163,8 @@ def summary(which: str, reports: dict[str, dict[str, Any]]) -> str:
                          f"step={_fmt(k.get('step', {}).get('target_mass'))}; cos step="
                          f"{_fmt(k.get('step', {}).get('cos'))} latent={_fmt(k.get('latent', {}).get('cos'))}; "
                          f"segment alignment target={_fmt(r['segment_alignment']['target'])} "
-                         f"other={_fmt(r['segment_alignment']['other'])}")
+                         f"other={_fmt(r['segment_alignment']['other'])} "
+                         f"picks target={_fmt(r['segment_alignment'].get('picks_target'))}")
         elif which == "faithfulness":
             parts = [f"{n}: ans {_fmt(v['answer_changed_with_latents'])} drop {_fmt(v['accuracy_drop'])}"
                      for n, v in r["interventions"].items()]

@@ -12,7 +12,9 @@ generation, one no-cache forward pass with eager attention over the exact sequen
 * per latent segment, ``segment_alignment``: the training objective's own similarity (the K states as a
   sqrt(K) x sqrt(K) grid, upsampled to the teacher's patch grid, projected, cosine per patch, averaged) against
   the target image, and ``segment_alignment_other`` against the sample's other input images: a latent that
-  carries *its* view scores higher on the target than on the others.
+  carries *its* view scores higher on the target than on the others. ``picks_target`` is the fraction of
+  segments that score higher on the target than on *every* other image (chance: one over the number of images),
+  which a mean over the other images can hide.
 
 Curves are averaged over samples by generated position (only where at least ``min_count`` samples reach that
 position), and by reasoning line for step-text tokens and latent positions separately.
@@ -112,7 +114,8 @@ def sample_dilution(subject: Subject, sample: Sample, result, probe: Probe | Non
                 if j != tgt[0]:
                     f, gr = probe.features(im, f"{sample.id}:{j}:input")
                     others.append(_segment_alignment(probe, states, f, gr))
-            segments.append({"segment": g, "line": trace.lines[idx[0]], "target": own, "other": mean(others)})
+            segments.append({"segment": g, "line": trace.lines[idx[0]], "target": own, "other": mean(others),
+                             "picks_target": all(own > o for o in others) if others else None})
     return {"id": sample.id, "kinds": trace.kinds, "lines": trace.lines, "mass": mass.mean(0).tolist(),
             "mass_layers": mass.T.tolist(), "target_mass": target_mass, "cos": cos,
             "max_total_error": float((total - 1).abs().max()), "segments": segments}
@@ -162,7 +165,8 @@ def aggregate(per_sample: Sequence[dict[str, Any]], n_layers: int, min_count: in
         "by_position": positions,
         "by_line": lines,
         "segment_alignment": {"n": len(segs), "target": _avg([g["target"] for g in segs]),
-                              "other": _avg([g["other"] for g in segs])},
+                              "other": _avg([g["other"] for g in segs]),
+                              "picks_target": _avg([g["picks_target"] for g in segs])},
         "max_total_error": max((s["max_total_error"] for s in per_sample), default=0.0),
     }
 
