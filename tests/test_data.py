@@ -134,3 +134,33 @@ def test_over_length_is_an_error_not_a_truncation(tiny, records):
     ex = make_example(records[0], tok, bb, LayoutConfig(k=4), latent)
     with pytest.raises(LayoutError, match="over max_length=10"):
         layout_record(records[0], tok, latent, ex.images.n_tokens, "<|image_pad|>", LayoutConfig(k=4, max_length=10))
+
+
+def test_latent_after_puts_each_segment_after_the_step_head(tiny, records):
+    model, tok, _, bb, latent = tiny
+    rec = records[1]  # steps "View 1 has ...", "View 2 has ...", "So three in total."
+    plain = make_example(rec, tok, bb, LayoutConfig(k=0), None).laid
+    cfg = LayoutConfig(k=4, latent_after=r"View \d+|So")
+    valr = make_example(rec, tok, bb, cfg, latent).laid
+    # the same tokens in the same order: only where the segments sit changed
+    assert [t for t in valr.input_ids if t not in (latent.start, latent.end, latent.slot)] == plain.input_ids
+    heads = ["View 1", "View 2", "So"]
+    for start, head, positions in zip(valr.segment_starts, heads, valr.step_positions, strict=True):
+        head_ids = tok(head, add_special_tokens=False)["input_ids"]
+        assert valr.input_ids[start - 1 - len(head_ids):start - 1] == head_ids
+        assert valr.input_ids[start - 1] == latent.start and valr.input_ids[start + 4] == latent.end
+        assert positions[len(head_ids) - 1] == start - 2 and positions[len(head_ids)] == start + 5
+    for laid in (plain, valr):  # step_positions hold exactly each step's text tokens
+        assert [tok.decode([laid.input_ids[p] for p in pos]).strip() for pos in laid.step_positions] == \
+            [s.text for s in rec.steps]
+    assert plain.step_positions[1] == list(range(plain.step_positions[1][0], plain.step_positions[2][0]))
+
+
+def test_latent_after_errors_name_the_record_and_step(tiny, records):
+    model, tok, _, bb, latent = tiny
+    with pytest.raises(LayoutError, match=r"record 'two', step 3: latent_after='View \\\\d\+' does not match"):
+        make_example(records[1], tok, bb, LayoutConfig(k=4, latent_after=r"View \d+"), latent)
+    with pytest.raises(LayoutError, match=r"record 'two', step 1: splitting .* changes its tokens"):
+        make_example(records[1], tok, bb, LayoutConfig(k=4, latent_after=r"Vi|So"), latent)  # "Vi|ew" splits a word
+    # the plain layout ignores the pattern (no segments to place)
+    make_example(records[1], tok, bb, LayoutConfig(k=0, latent_after=r"View \d+"), None)

@@ -67,6 +67,10 @@ def test_demo_quick_writes_documented_files(tmp_path):
     # the held-out reading probe covers every stage up to the variants, own and swapped images
     assert {"vision", "stage0_one_view", "stage0", "stage0_find_one_view", "stage0_find_one_view2", "stage0_find",
             "stage1", "sft", "valr_s"} <= set(res["reading"])
+    # does each latent segment carry its step's view? (the variant with a projector only)
+    views = res["reading"]["valr_s"].pop("segment_views")
+    assert {"picks_view", "align_own", "align_other"} <= set(views) and _frac(views["picks_view"])
+    assert any(key.startswith("picks_view/") and key.endswith(("/first", "/later")) for key in views)
     for name, probe in res["reading"].items():
         tokens = probe.pop("step_tokens", None)
         assert (tokens is not None) == (name in ("stage1", "sft", "latent_no_align", "valr_s")), name

@@ -270,6 +270,9 @@ def test_demo_overrides_change_the_recipe_and_reject_bad_keys():
         600, 0.002, 50, (1, 4), 0.0, 100)
     assert isinstance(c.data_fraction, float)
     assert base.stage0_steps == DemoConfig().stage0_steps != 600  # the original is untouched
+    # a regex that YAML would read as a comment stays the text written; null still means None
+    assert base.with_overrides([r"latent_after=#\d+ view \d+"]).latent_after == r"#\d+ view \d+"
+    assert base.with_overrides([r"latent_after=#\d+", "latent_after=null"]).latent_after is None
     for bad, words in [("stage0_stepz=3", "unknown key"), ("stage0_steps=abc", "expected int"),
                        ("valr_m=1", "expected bool"), ("teacher.stepz=1", "unknown key"), ("seed=3", "--seed"),
                        ("stage0_steps", "key=value")]:

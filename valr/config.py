@@ -33,6 +33,10 @@ class ValrConfig:
     # teachers whose patches share a large common component, a projector that predicts that component reaches
     # the raw loss's plateau without any image-specific content (see valr.align.mean_feature_loss)
     center_targets: bool = False
+    # a regex: place each step's latent segment after what it matches at the step's start (the step's head, e.g.
+    # which image it looks at) instead of before the step (the paper). None: the paper's layout. See
+    # valr.data.layout; generation under latent policy "model" follows it (the model emits <latent> itself)
+    latent_after: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -65,13 +69,16 @@ def build_dataclass(cls, data: dict[str, Any], source: str):
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key=value`` strings (dotted keys for nesting) to a plain dict, in order."""
+    """Apply ``key=value`` strings (dotted keys for nesting) to a plain dict, in order. Values are read as YAML
+    (``true``, ``2e-3``, ``[1, 4]``, ``null``); text YAML would drop as a comment (``#...``) stays text."""
     data = json.loads(json.dumps(data))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
         key, raw = item.split("=", 1)
         value = yaml.safe_load(raw) if raw != "" else ""
+        if value is None and raw.strip() not in ("null", "Null", "NULL", "~", ""):
+            value = raw  # YAML read it as a comment (a regex such as "#\d+ view"): keep the text as written
         node = data
         parts = key.split(".")
         for p in parts[:-1]:

@@ -144,6 +144,8 @@ class DemoConfig:
     lambda_align: float = 0.5
     train_mode: str = "fast"
     projector_width: int = 256
+    center_targets: bool = False  # valr.center_targets: align to each image's patch features minus their mean
+    latent_after: str | None = None  # valr.latent_after: each latent segment after the step's head (a regex)
     valr_m: bool = False
     # the data-efficiency runs (stage 1 + VaLR-S on this fraction of the records) cost 8 of the full mode's 32
     # minutes, so the default demo skips them (0) and the study turns them on with data_fraction=0.25
@@ -457,6 +459,59 @@ def perception_probe(loaded: Any, read_file: Path, find_file: Path) -> dict[str,
     return {**reading_accuracy(loaded, read_file), **finding_accuracy(loaded, find_file)}
 
 
+def segment_view_accuracy(loaded: Any, records_file: Path, feature_cache: Path | None = None, n: int = 96,
+                          batch: int = 16) -> dict[str, float]:
+    """Does each latent segment carry its step's view? Teacher-forced on ``n`` records, in the checkpoint's own
+    layout (K, alignment layer, where segments sit): for every segment with a target, the alignment loss of its
+    projected states against each of the record's images; the segment *picks its view* when the target image
+    is the nearest (chance: one over the number of views). Returns ``picks_view`` overall and per family and
+    first/later step (``chase/later``), and ``align_own`` / ``align_other`` (mean loss against the target and
+    against the other images). Empty for a checkpoint without a trained projector."""
+    import torch
+
+    from valr.align import cosine_distance, latents_to_grid
+    from valr.data import LayoutConfig, load_records, make_batch
+    from valr.engine import forward_latent
+    from valr.teachers import FeatureCache, build_teacher, target_features
+    from valr.tokens import LatentTokenIds
+
+    cfg, aligner = loaded.config, loaded.aligner
+    if aligner is None or not cfg.teachers:
+        return {}
+    bb, tok = loaded.backbone, loaded.tokenizer
+    teacher = build_teacher(cfg.teachers[0], bb)
+    cache = FeatureCache(str(feature_cache), teacher) if feature_cache else None
+    projector = aligner.projectors[teacher.name]
+    lay = LayoutConfig(k=cfg.k, latent_after=cfg.latent_after)
+    lat = LatentTokenIds.from_tokenizer(tok)
+    recs = load_records(records_file)[:n]
+    hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    own, other = [], []
+    with torch.no_grad():
+        for i in range(0, len(recs), batch):
+            rs = recs[i:i + batch]
+            b = make_batch(rs, tok, bb, lay, lat)
+            out = forward_latent(bb, b, cfg.align_layer, "fast")
+            for row, (j, s) in enumerate(out.segment_owner):
+                target, views = b.segment_targets[j][s], list(rs[j].images)
+                if target is None or Path(target) not in views:
+                    continue
+                feats = target_features(teacher, views, cache)
+                pred = projector(latents_to_grid(out.latent_states[row:row + 1], feats[views[0]][1]))
+                d = [float(cosine_distance(pred, aligner.targets(feats[v][0][None]))) for v in views]
+                t = views.index(Path(target))
+                own.append(d[t])
+                other += [x for v, x in enumerate(d) if v != t]
+                fam = str((rs[j].meta or {}).get("family", "all"))
+                for key in ("all", f"{fam}/{'first' if s == 0 else 'later'}"):
+                    hits[key][0] += int(min(range(len(d)), key=d.__getitem__) == t)
+                    hits[key][1] += 1
+    res = {("picks_view" if k == "all" else f"picks_view/{k}"): a / c for k, (a, c) in sorted(hits.items())}
+    if own:
+        res.update(align_own=sum(own) / len(own), align_other=sum(other) / max(len(other), 1))
+    return res
+
+
 def finding_stages(c: DemoConfig, st: Stages, training: dict[str, Any], wdir: Path, progress: bool
                    ) -> tuple[str, Path]:
     """Teach finding a cell by content once stage 0 has read for ``c.stage0_steps`` all-view steps:
@@ -632,19 +687,20 @@ def teacher_forced_steps(loaded: Any, records_file: Path, n: int = 128, batch: i
     """Teacher-forced predictions of chain steps: for the first ``n`` records of ``records_file``, yields
     ``(record, step index, words, right)`` per step, ``words`` the step's tokens decoded and ``right[t]`` whether
     the model predicted token ``t`` from the tokens before it (``right[0]`` is always False: it follows the
-    previous step). ``k > 0`` lays the chains out with ``k`` latent steps before each step and runs the latent
-    forward (alignment layer ``layer``), the layout a latent variant was trained and answers in."""
+    previous step). ``k > 0`` lays the chains out with ``k`` latent steps per step (before it, or after its head
+    when the checkpoint was trained with ``latent_after``) and runs the latent forward (alignment layer
+    ``layer``), the layout a latent variant was trained and answers in. Token positions come from the layout."""
     import torch
 
     from valr.data import LayoutConfig, load_records, make_batch
-    from valr.data.layout import IGNORE
     from valr.engine import forward_latent, forward_plain
     from valr.tokens import LatentTokenIds
 
     bb, tok = loaded.backbone, loaded.tokenizer
-    lay = LayoutConfig(k=k)
     if k > 0 and layer is None:
         raise ValueError("teacher-forced steps with latent steps (k > 0) need the alignment layer")
+    # where the segments sit (before each step, or after its head) is the checkpoint's own layout setting
+    lay = LayoutConfig(k=k, latent_after=loaded.config.latent_after if k > 0 else None)
     lat = LatentTokenIds.from_tokenizer(tok) if k > 0 else None
     recs = load_records(records_file)[:n]
     with torch.no_grad():
@@ -654,17 +710,10 @@ def teacher_forced_steps(loaded: Any, records_file: Path, n: int = 128, batch: i
             out = forward_plain(bb, b) if k == 0 else forward_latent(bb, b, layer, "exact")  # type: ignore[arg-type]
             pred = bb.logits(out.hidden).argmax(-1)
             for j, r in enumerate(rs):
-                pos = int((b.labels[j] != IGNORE).nonzero()[0])  # the response's first token
-                for s_i, step in enumerate(r.steps):  # laid out exactly as the layout does: each step on its own
-                    if k > 0:
-                        pos += k + 2  # <latent>, k slots, </latent>
-                    piece = tok(step.text.rstrip(lay.step_delimiter) + lay.step_delimiter,
-                                add_special_tokens=False)["input_ids"]
-                    if b.input_ids[j, pos:pos + len(piece)].tolist() != piece:
-                        raise ValueError(f"record {r.id}: step {s_i + 1} is not where the layout puts it")
-                    right = [False] + [bool(pred[j, pos + t - 1] == piece[t]) for t in range(1, len(piece))]
+                for s_i, positions in enumerate(b.step_positions[j]):
+                    piece = b.input_ids[j, positions].tolist()
+                    right = [False] + [bool(pred[j, p - 1] == b.input_ids[j, p]) for p in positions[1:]]
                     yield r, s_i, [tok.decode([t]).strip() for t in piece], right
-                    pos += len(piece)
 
 
 def step_token_accuracy(loaded: Any, records_file: Path, n: int = 128, batch: int = 32, per_step: bool = True,
@@ -749,7 +798,7 @@ def _train(cfg: DemoConfig, out: Path, *, model: Path, data: Path, stage: int, s
 
     vcfg = ValrConfig(k=cfg.k, align_layer=cfg.align_layer, lambda_align=lambda_align,
                       projector_width=cfg.projector_width, teachers=list(teachers or []),
-                      train_mode=cfg.train_mode,
+                      train_mode=cfg.train_mode, center_targets=cfg.center_targets, latent_after=cfg.latent_after,
                       feature_cache=str(out / "features") if teachers else None)
     tcfg = TrainConfig(model=str(model), train_data=str(data), val_data=str(val_data) if val_data else None,
                        output_dir=str(out / "run"), stage=stage, max_steps=steps,
@@ -836,7 +885,7 @@ def image_dependence(ckpt: str | Path, records_file: Path, k: int, latent: bool,
     recs = load_records(records_file)[:n]
     swapped = with_swapped_images(recs)
     lat = LatentTokenIds.from_tokenizer(tok) if latent else None
-    layout = LayoutConfig(k=k if latent else 0)
+    layout = LayoutConfig(k=k if latent else 0, latent_after=loaded.config.latent_after if latent else None)
     out = {}
     with torch.no_grad():
         for name, rs in (("ce_own_images", recs), ("ce_swapped_images", swapped)):
@@ -1356,6 +1405,9 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
         key = {"up": st.fps[up], "stage": stage, "lambda": lam, "teachers": [dataclasses.asdict(t) for t in teachers],
                "steps": c.stage2_steps, "lr": c.stage2_lr, "projector_lr": c.projector_lr, "fraction": fraction,
                "teacher_fp": st.fps["teacher"] if teachers else None}
+        if stage == 2:  # in the key only when set, so runs made before the options keep their stages
+            key.update({"center_targets": True} if c.center_targets and teachers else {})
+            key.update({"latent_after": c.latent_after} if c.latent_after else {})
         training[name] = st.run(name, key, fn)
 
     from valr.teachers import TeacherSpec
@@ -1415,9 +1467,12 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
                 k = 0 if n in ("stage1", "sft") else c.k  # each model in the layout it was trained in
                 res[n]["step_tokens"] = step_token_accuracy(loaded, cdir / "val.jsonl", n=min(128, c.n_val), k=k,
                                                             layer=c.align_layer)
+            if n == "valr_s":  # does each latent segment carry its step's view (the alignment's target)?
+                res[n]["segment_views"] = segment_view_accuracy(loaded, cdir / "val.jsonl", out / n / "features",
+                                                                n=min(96, c.n_val))
         return res
 
-    reading = st.run("eval/reading", {"up": [st.fps[n] for n in st.fps if not n.startswith("eval/")], "v": 7},
+    reading = st.run("eval/reading", {"up": [st.fps[n] for n in st.fps if not n.startswith("eval/")], "v": 8},
                      do_reading)
 
     # 7. results

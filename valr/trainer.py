@@ -495,7 +495,8 @@ class _Trainer:
         v = cfg.valr
         self.k = v.k if cfg.stage == 2 else 0
         self.layout = LayoutConfig(k=self.k, step_delimiter=v.step_delimiter, answer_prefix=v.answer_prefix,
-                                   system_prompt=cfg.system_prompt, max_length=cfg.max_length)
+                                   system_prompt=cfg.system_prompt, max_length=cfg.max_length,
+                                   latent_after=v.latent_after)
         self.latent = LatentTokenIds.from_tokenizer(self.tok) if cfg.stage == 2 else None
         if cfg.stage == 2 and not 1 <= v.align_layer <= self.backbone.num_layers:
             raise TrainError(f"valr.align_layer={v.align_layer} is out of range: {src} has "

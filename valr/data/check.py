@@ -246,7 +246,7 @@ def check_main(args) -> int:
         if max_length is None:
             print("note: --model given without --max-length: sequence lengths are not checked", file=sys.stderr)
         layout = LayoutConfig(k=k, step_delimiter=vcfg.step_delimiter, answer_prefix=vcfg.answer_prefix,
-                              max_length=max_length)
+                              max_length=max_length, latent_after=vcfg.latent_after)
         latent = LatentTokenIds.from_tokenizer(tok) if k > 0 else None
     entries, blank = read_entries(source)
     check_entries(entries, workers=args.workers, progress=not args.quiet, tokenizer=tok, image_side=side,

@@ -27,6 +27,7 @@ class Batch:
     segment_targets: list[list[Path | None]]  # per sample, alignment target of each segment
     k: int  # latent positions per segment
     record_ids: list[str] = field(default_factory=list)
+    step_positions: list[list[list[int]]] = field(default_factory=list)  # per sample, each step's text positions
 
     @property
     def size(self) -> int:
@@ -48,4 +49,4 @@ def collate(examples: list[Example], pad_id: int, k: int) -> Batch:
         mask[b, :m] = 1
     return Batch(ids, mask, labels, ImageInputs.concat([e.images for e in examples]),
                  [list(e.laid.segment_starts) for e in examples], [list(e.laid.segment_targets) for e in examples],
-                 k, [e.laid.record_id for e in examples])
+                 k, [e.laid.record_id for e in examples], [e.laid.step_positions for e in examples])

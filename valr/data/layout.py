@@ -6,14 +6,27 @@ question) and the assistant turn; they differ only in what precedes each reasoni
     plain : <step 1>\\n <step 2>\\n ... Answer: <answer><|im_end|>
     valr  : <latent> [slot]*K </latent> <step 1>\\n <latent> [slot]*K </latent> <step 2>\\n ... Answer: ...
 
+With ``latent_after`` (a regular expression; not in the paper) each segment sits inside its step instead, right
+after the step's *head*, the text the pattern matches at the start of the step::
+
+    valr, latent_after="#\\d+ view \\d+": #1 view 2 <latent> [slot]*K </latent> red at row 1 col 3: ...\\n ...
+
+so the segment comes after the step says *where* it looks (which the segment's alignment target is) and before
+what it finds there. Latents placed before the step must work out the next step's image on their own; in the
+built-in world a 4-layer model never did, and with the head first the alignment carried the step's view
+(docs/results.md, seventh session).
+
 K counts the continuous positions only; the two markers are extra tokens (the paper is ambiguous on this).
 Cross-entropy covers every assistant token including the markers and the end-of-turn token, never the prompt
 and never the K slots (their inputs are hidden states, not tokens, so there is nothing to predict there).
-Each step text is tokenized on its own, so a step's tokens are identical in both layouts.
+Each step text is tokenized on its own, so a step's tokens are identical in both layouts (a head split off by
+``latent_after`` must end at a token boundary; the layout checks it). ``step_positions`` records where each
+step's text tokens landed, for probes that score them.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +45,7 @@ class LayoutConfig:
     answer_prefix: str = "Answer: "
     system_prompt: str | None = None  # None: the chat template's default
     max_length: int | None = None  # error (never truncate) when a sequence is longer
+    latent_after: str | None = None  # regex: put each step's latent segment after this match at the step's start
 
 
 @dataclass
@@ -42,6 +56,7 @@ class LaidOut:
     prompt_length: int
     segment_starts: list[int] = field(default_factory=list)  # position of each segment's first slot
     segment_targets: list[Path | None] = field(default_factory=list)
+    step_positions: list[list[int]] = field(default_factory=list)  # positions of each step's text tokens
 
 
 class LayoutError(ValueError):
@@ -77,6 +92,24 @@ def _text_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def split_head(tokenizer: PreTrainedTokenizerBase, record_id: str, index: int, text: str, pattern: str | None,
+               ) -> tuple[list[int], list[int]]:
+    """A step's token ids as (head, rest): the head is what ``pattern`` matches at the start of the step (empty
+    without a pattern). Raises if the step has no head or if splitting changes the step's tokens."""
+    ids = _text_ids(tokenizer, text)
+    if pattern is None:
+        return [], ids
+    m = re.match(pattern, text)
+    if m is None or m.end() == 0:
+        raise LayoutError(f"record {record_id!r}, step {index + 1}: latent_after={pattern!r} does not match the "
+                          f"start of {text!r}; every step must begin with its head (fix the step or the pattern)")
+    head, rest = _text_ids(tokenizer, text[:m.end()]), _text_ids(tokenizer, text[m.end():])
+    if head + rest != ids:
+        raise LayoutError(f"record {record_id!r}, step {index + 1}: splitting {text!r} after {text[:m.end()]!r} "
+                          f"changes its tokens; end latent_after's match at a token boundary (e.g. before a space)")
+    return head, rest
+
+
 def layout_record(record: Record, tokenizer: PreTrainedTokenizerBase, latent: LatentTokenIds | None,
                   image_tokens: list[int], placeholder: str, cfg: LayoutConfig) -> LaidOut:
     """Token ids and labels of one record. ``latent=None`` or ``cfg.k == 0`` gives the plain-CoT layout."""
@@ -87,7 +120,12 @@ def layout_record(record: Record, tokenizer: PreTrainedTokenizerBase, latent: La
     out = LaidOut(record.id, ids, labels, prompt_length=len(ids))
     use_latents = latent is not None and cfg.k > 0
     targets = record.target_paths()
-    for step, target in zip(record.steps, targets, strict=True):
+    for i, (step, target) in enumerate(zip(record.steps, targets, strict=True)):
+        text = step.text.rstrip(cfg.step_delimiter) + cfg.step_delimiter
+        head, rest = split_head(tokenizer, record.id, i, text, cfg.latent_after if use_latents else None)
+        positions = list(range(len(ids), len(ids) + len(head)))
+        ids.extend(head)
+        labels.extend(head)
         if use_latents:
             ids.append(latent.start)
             labels.append(latent.start)
@@ -97,10 +135,10 @@ def layout_record(record: Record, tokenizer: PreTrainedTokenizerBase, latent: La
             labels.extend([IGNORE] * cfg.k)
             ids.append(latent.end)
             labels.append(latent.end)
-        text = step.text.rstrip(cfg.step_delimiter) + cfg.step_delimiter
-        piece = _text_ids(tokenizer, text)
-        ids.extend(piece)
-        labels.extend(piece)
+        positions += range(len(ids), len(ids) + len(rest))
+        out.step_positions.append(positions)
+        ids.extend(rest)
+        labels.extend(rest)
     tail = _text_ids(tokenizer, cfg.answer_prefix + record.answer) + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
     ids.extend(tail)
     labels.extend(tail)

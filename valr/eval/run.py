@@ -529,6 +529,10 @@ def run(args: argparse.Namespace) -> int:
     items = items_all[:args.limit] if args.limit is not None else items_all
     vcfg = checkpoint_config(model_dir)
     k = args.k if args.k is not None else vcfg.k
+    if args.latent_policy == "force" and vcfg.latent_after:
+        raise RunError(f"{args.model} was trained with its latent segments after each step's head (latent_after="
+                       f"{vcfg.latent_after!r}); --latent-policy force puts them before every line, where it never "
+                       "saw them. Use --latent-policy model (the model enters latent mode itself) or off")
     state, cpu = _state(args.device)
     rank, world, is_main = state.process_index, state.num_processes, state.is_main_process
     device = "cpu" if cpu else str(state.device)
