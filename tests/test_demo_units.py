@@ -118,6 +118,14 @@ def test_score_predictions_by_n_and_step_position(world, tmp_path):
     assert m["step_accuracy_by_position"]["1"] == pytest.approx(1 - wrong_first / len(recs))
     assert m["step_accuracy_by_position"].get("2", 1.0) == 1.0
     assert m["latent_segments_per_step"] == pytest.approx(1.0)
+    # per family: whole chains right, and the answers after a right chain (i % 4 == 3 answered "Z")
+    for fam in m["chain_right_by_family"]:
+        idx = [i for i, r in enumerate(recs) if r.meta["family"] == fam]
+        right = [i for i in idx if not (i % 2 == 1 and len(recs[i].steps) > 1)]
+        assert m["chain_right_by_family"][fam] == pytest.approx(len(right) / len(idx))
+        if right:
+            assert m["accuracy_given_chain_right"][fam] == pytest.approx(
+                sum(i % 4 != 3 for i in right) / len(right))
 
 
 def _variant(acc, by_n, counts=None):

@@ -917,7 +917,10 @@ def _run_eval(cfg: DemoConfig, ckpt: str, test_file: Path, out: Path, policy: st
 
 
 def score_predictions(test_file: Path, pred_file: Path, limit: int | None = None) -> dict[str, Any]:
-    """Accuracy overall, by N, by family; per-step accuracy by step position; (length, score) pairs."""
+    """Accuracy overall, by N, by family; per-step accuracy by step position; (length, score) pairs; and, per
+    family, how often the whole generated chain equals the gold one (``chain_right_by_family``) and the accuracy
+    of the answers that follow such a chain (``accuracy_given_chain_right``: does the model compute the answer
+    from right steps?)."""
     from valr.data import load_records
     from valr.eval.benchmarks import load_records_benchmark
     from valr.eval.predictions import Prediction
@@ -940,6 +943,8 @@ def score_predictions(test_file: Path, pred_file: Path, limit: int | None = None
     by_family: dict[str, list[float]] = defaultdict(list)
     step_right: dict[int, list[float]] = defaultdict(list)  # position -> [step i right | steps < i right]
     step_any: dict[int, list[float]] = defaultdict(list)  # position -> [step i right] (unconditional)
+    chain_right: dict[str, list[float]] = defaultdict(list)  # family -> [every step right]
+    given_chain: dict[str, list[float]] = defaultdict(list)  # family -> [answer score | every step right]
     pairs_tokens, pairs_positions, segs = [], [], []
     per_item = []
     for it, s in zip(items, scores, strict=True):
@@ -957,6 +962,10 @@ def score_predictions(test_file: Path, pred_file: Path, limit: int | None = None
             if ok_prefix:
                 step_right[i].append(right)
                 ok_prefix = right == 1.0
+        family = str(it.meta["family"])
+        chain_right[family].append(float(ok_prefix and len(said) == len(gold)))
+        if chain_right[family][-1]:
+            given_chain[family].append(s.score)
         if "generated_tokens" in o:
             pairs_tokens.append((float(o["generated_tokens"]), s.score))
             pairs_positions.append((float(o["generated_positions"]), s.score))
@@ -974,6 +983,8 @@ def score_predictions(test_file: Path, pred_file: Path, limit: int | None = None
         "accuracy_by_family": {f: mean(v) for f, v in sorted(by_family.items())},
         "step_accuracy_by_position": {str(i): mean(v) for i, v in sorted(step_right.items())},
         "step_accuracy_unconditional": {str(i): mean(v) for i, v in sorted(step_any.items())},
+        "chain_right_by_family": {f: mean(v) for f, v in sorted(chain_right.items())},
+        "accuracy_given_chain_right": {f: mean(v) for f, v in sorted(given_chain.items())},
         "mean_generated_tokens": mean([x for x, _ in pairs_tokens]),
         "mean_generated_positions": mean([x for x, _ in pairs_positions]),
         "latent_segments_per_step": (sum(s for _, s in segs) / max(1, sum(n for n, _ in segs))) if segs else None,
