@@ -278,3 +278,17 @@ def test_two_processes_with_resume_per_shard(files, reference):
     assert (out / "predictions.jsonl").read_bytes() == reference.read_bytes()
     assert not list(out.glob("predictions.rank*"))
     assert json.loads((out / "run.json").read_text())["info"]["num_processes"] == 2
+
+
+def test_force_policy_refused_for_a_checkpoint_with_latents_after_step_heads(files, tmp_path, capsys):
+    model, data, _ = files
+    ck = tmp_path / "ck"
+    shutil.copytree(model, ck)
+    cfg_file = ck / "valr_config.json"
+    meta = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    meta.setdefault("valr", {})["latent_after"] = r"View \d+"
+    cfg_file.write_text(json.dumps(meta))
+    args = ["--model", str(ck), "--data", str(data), "--out", str(tmp_path / "o"), *BASE]
+    assert run_main(args) == 2
+    assert "--latent-policy model" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "predictions.jsonl").exists()
