@@ -5,11 +5,12 @@ model with other latent settings, scored on the validation split (nothing here t
 
 RUN is a `valr demo` output directory with a finished stage 1 (e.g. runs/study6/seed-1); OUT a new directory.
 Keys are DemoConfig fields (k, align_layer, lambda_align, center_targets, latent_after, stage2_steps, ...) plus
-``start=CHECKPOINT`` (train from it instead of stage 1) and ``data=FILE`` (train records instead of
-RUN/chains/train.jsonl). ``k=0`` trains plain CoT (the SFT variant) and evaluates with latents off. Writes
-OUT/train.json and OUT/result.json: the training summary, `step_tokens`, `segment_views` and the evaluation.
-The demo's own stages key K and the alignment layer with stage 0, so a K or layer change there retrains
-perception; this script reuses a finished stage 1 instead.
+``start=CHECKPOINT`` (train from it instead of stage 1), ``data=FILE`` (train records instead of
+RUN/chains/train.jsonl) and ``eval=FILE`` (validation records instead of RUN/chains/val.jsonl, e.g. rewritten
+the same way as ``data``; next to it, so its image paths resolve). ``k=0`` trains plain CoT (the SFT variant)
+and evaluates with latents off. Writes OUT/train.json and OUT/result.json: the training summary, `step_tokens`,
+`segment_views` and the evaluation. `valr demo` itself reruns only the variants when latent settings change,
+but it cannot start from another run's stage 1 or train on rewritten records; this script can.
 """
 
 import json
@@ -22,7 +23,7 @@ from valr.checkpoint import load_checkpoint
 from valr.synth.teacher import teacher_spec
 
 run, out = Path(sys.argv[1]), Path(sys.argv[2])
-extra = dict(a.split("=", 1) for a in sys.argv[3:] if a.split("=", 1)[0] in ("start", "data"))
+extra = dict(a.split("=", 1) for a in sys.argv[3:] if a.split("=", 1)[0] in ("start", "data", "eval"))
 seed = json.loads((run / "results.json").read_text())["seed"]
 cfg = demo.DemoConfig(seed=seed, eval_split="val").with_overrides(
     [a for a in sys.argv[3:] if a.split("=", 1)[0] not in extra])
@@ -42,10 +43,11 @@ if not (out / "train.json").exists():
     (out / "train.json").write_text(json.dumps(res, indent=1))
 res = json.loads((out / "train.json").read_text())
 loaded = load_checkpoint(res["checkpoint"])
-steps = demo.step_token_accuracy(loaded, cdir / "val.jsonl", n=128, k=cfg.k, layer=cfg.align_layer)
-views = demo.segment_view_accuracy(loaded, cdir / "val.jsonl", out / "features") if cfg.k else {}
-demo._run_eval(cfg, res["checkpoint"], cdir / "val.jsonl", out / "eval", "model" if cfg.k else "off", cfg.k or 4)
-scores = demo.score_predictions(cdir / "val.jsonl", out / "eval" / "predictions.jsonl")
+val = Path(extra.get("eval") or cdir / "val.jsonl")
+steps = demo.step_token_accuracy(loaded, val, n=128, k=cfg.k, layer=cfg.align_layer)
+views = demo.segment_view_accuracy(loaded, val, out / "features") if cfg.k else {}
+demo._run_eval(cfg, res["checkpoint"], val, out / "eval", "model" if cfg.k else "off", cfg.k or 4)
+scores = demo.score_predictions(val, out / "eval" / "predictions.jsonl")
 (out / "result.json").write_text(json.dumps({"train": res, "step_tokens": steps, "segment_views": views,
                                               "eval": scores}, indent=1))
 print(json.dumps({"accuracy": scores["accuracy"], "by_family": scores["accuracy_by_family"],
