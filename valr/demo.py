@@ -473,7 +473,6 @@ def segment_view_accuracy(loaded: Any, records_file: Path, feature_cache: Path |
     against the other images). Empty for a checkpoint without a trained projector."""
     import torch
 
-    from valr.align import cosine_distance, latents_to_grid
     from valr.data import LayoutConfig, load_records, make_batch
     from valr.engine import forward_latent
     from valr.teachers import FeatureCache, build_teacher, target_features
@@ -485,7 +484,6 @@ def segment_view_accuracy(loaded: Any, records_file: Path, feature_cache: Path |
     bb, tok = loaded.backbone, loaded.tokenizer
     teacher = build_teacher(cfg.teachers[0], bb)
     cache = FeatureCache(str(feature_cache), teacher) if feature_cache else None
-    projector = aligner.projectors[teacher.name]
     lay = LayoutConfig(k=cfg.k, latent_after=cfg.latent_after)
     lat = LatentTokenIds.from_tokenizer(tok)
     recs = load_records(records_file)[:n]
@@ -501,8 +499,8 @@ def segment_view_accuracy(loaded: Any, records_file: Path, feature_cache: Path |
                 if target is None or Path(target) not in views:
                     continue
                 feats = target_features(teacher, views, cache)
-                pred = projector(latents_to_grid(out.latent_states[row:row + 1], feats[views[0]][1]))
-                d = [float(cosine_distance(pred, aligner.targets(feats[v][0][None]))) for v in views]
+                states = out.latent_states[row:row + 1]  # the training loss of this segment against each view
+                d = [float(aligner.loss(states, {teacher.name: [(0, *feats[v])]})[0]) for v in views]
                 t = views.index(Path(target))
                 own.append(d[t])
                 other += [x for v, x in enumerate(d) if v != t]
@@ -952,9 +950,9 @@ def score_predictions(test_file: Path, pred_file: Path, limit: int | None = None
     pairs_tokens, pairs_positions, segs = [], [], []
     per_item = []
     for it, s in zip(items, scores, strict=True):
-        n = int(it.meta["n_steps"])
+        n, family = int(it.meta["n_steps"]), str(it.meta["family"])
         by_n[n].append(s.score)
-        by_family[str(it.meta["family"])].append(s.score)
+        by_family[family].append(s.score)
         o = lines.get(it.id, {})
         text = _LATENT_MARKUP.sub("", o.get("raw", "") or "")
         said = [x.strip() for x in text.split("\n") if x.strip() and not x.strip().startswith("Answer")]
@@ -966,7 +964,6 @@ def score_predictions(test_file: Path, pred_file: Path, limit: int | None = None
             if ok_prefix:
                 step_right[i].append(right)
                 ok_prefix = right == 1.0
-        family = str(it.meta["family"])
         chain_right[family].append(float(ok_prefix and len(said) == len(gold)))
         if chain_right[family][-1]:
             given_chain[family].append(s.score)
