@@ -83,6 +83,7 @@ def test_trace_reproduces_generation_and_masses_sum_to_one(setup):
     samples = load_samples(data)
     results = generate(subject, samples, generation_config(subject, 14), batch_size=4)
     assert sum(r.latent_segments for r in results) > 0
+    read_latents = 0
     for s, r in zip(samples, results, strict=True):
         trace = build_trace(subject, s, r)
         assert trace.n_generated == r.generated_positions
@@ -106,6 +107,25 @@ def test_trace_reproduces_generation_and_masses_sum_to_one(setup):
             assert all(m == 0.0 for m in d["mass"])
         for m, t in zip(d["mass"], d["target_mass"], strict=True):
             assert t is None or t <= m + 1e-6
+        # latent masses: by hand from the attention rows (layers, heads averaged), own segment within all latents
+        seg_cols = {}
+        for j, g in enumerate(trace.segments):
+            if g >= 0:
+                seg_cols.setdefault(g, []).append(trace.prompt_len + j)
+        every = sorted(c for cols in seg_cols.values() for c in cols)
+        att, seen = fw.attentions, -1
+        for i, kind in enumerate(trace.kinds):
+            seen = max(seen, trace.segments[i])
+            row = att[:, :, trace.prompt_len + i]  # (layers, heads, keys)
+            want = float(row[:, :, every].sum(-1).mean()) if every else 0.0
+            assert d["latent_mass"][i] == pytest.approx(want, abs=1e-6)
+            if kind in ("step", "answer") and seen >= 0:
+                own = float(row[:, :, seg_cols[seen]].sum(-1).mean())
+                assert d["segment_mass"][i] == pytest.approx(own, abs=1e-6)
+                assert 0.0 < d["segment_mass"][i] <= d["latent_mass"][i] + 1e-6
+            else:
+                assert d["segment_mass"][i] is None
+        read_latents += sum(m is not None for m in d["segment_mass"])
         # latents belong to the line they precede; steps beyond the record's have no target
         for i, kind in enumerate(trace.kinds):
             line = trace.lines[i]
@@ -113,6 +133,7 @@ def test_trace_reproduces_generation_and_masses_sum_to_one(setup):
                 assert trace.targets[i] == s.targets[line]
             else:
                 assert trace.targets[i] == (None, None)
+    assert read_latents > 0  # some text came after a segment
 
 
 def test_dilution_command_compares_two_models(setup, tmp_path, capsys):
@@ -127,6 +148,7 @@ def test_dilution_command_compares_two_models(setup, tmp_path, capsys):
     v, p = rep["models"]["valr"], rep["models"]["plain"]
     assert v["max_total_error"] < 1e-5 and v["n_samples"] == 4
     assert v["by_kind"]["latent"]["cos"] is not None and v["by_kind"]["step"]["mass"] > 0
+    assert 0 < v["by_kind"]["step"]["segment_mass"] <= v["by_kind"]["step"]["latent_mass"] <= 1
     assert v["segment_alignment"]["n"] > 0 and v["segment_alignment"]["target"] is not None
     assert 0.0 <= v["segment_alignment"]["picks_target"] <= 1.0
     assert p["by_kind"]["latent"]["cos"] is None and "no trained projector" in p["probe"]["note"]
@@ -144,7 +166,8 @@ def test_dilution_command_compares_two_models(setup, tmp_path, capsys):
 def test_segment_alignment_summary_counts_segments_that_pick_their_target():
     def sample(segments):
         return {"kinds": ["latent"], "lines": [0], "mass": [0.5], "mass_layers": [[0.5]], "target_mass": [None],
-                "cos": [None], "max_total_error": 0.0, "segments": segments}
+                "cos": [None], "latent_mass": [0.1], "segment_mass": [None], "max_total_error": 0.0,
+                "segments": segments}
 
     segs = [{"segment": 0, "line": 0, "target": 0.9, "other": 0.5, "picks_target": True},
             {"segment": 1, "line": 1, "target": 0.6, "other": 0.5, "picks_target": False},  # one other beat it

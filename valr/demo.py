@@ -791,8 +791,9 @@ def _subset(src: Path, dst: Path, n: int) -> Path:
 def _train(cfg: DemoConfig, out: Path, *, model: Path, data: Path, stage: int, steps: int, lr: float,
            lr_vision: float = 0.0, lambda_align: float = 0.0, teachers: list | None = None,
            data_fraction: float = 1.0, val_data: Path | None = None, progress: bool = True,
-           batch_size: int | None = None) -> dict[str, Any]:
-    """One ``valr.trainer.train`` call; returns the final checkpoint path and a summary of its history."""
+           batch_size: int | None = None, save_every: int | None = None, keep_last: int = 1) -> dict[str, Any]:
+    """One ``valr.trainer.train`` call; returns the final checkpoint path and a summary of its history.
+    ``save_every``/``keep_last`` space and keep the resumable checkpoints (default: four per run, the last kept)."""
     import torch
 
     from valr.config import ValrConfig
@@ -807,7 +808,8 @@ def _train(cfg: DemoConfig, out: Path, *, model: Path, data: Path, stage: int, s
                        per_device_batch_size=batch_size or cfg.batch_size, grad_accum=1, lr_llm=lr,
                        lr_projector=cfg.projector_lr,
                        lr_vision=lr_vision, weight_decay=0.01, warmup_ratio=cfg.warmup_ratio, scheduler="cosine",
-                       max_grad_norm=1.0, save_every=max(50, steps // 4), keep_last=1, log_every=10,
+                       max_grad_norm=1.0, save_every=save_every or max(50, steps // 4), keep_last=keep_last,
+                       log_every=10,
                        seed=cfg.seed, data_fraction=data_fraction, num_workers=cfg.num_workers, preflight="quick",
                        tensorboard=False, progress=progress, valr=vcfg)
     torch.manual_seed(cfg.seed)

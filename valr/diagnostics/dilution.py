@@ -7,6 +7,9 @@ generation, one no-cache forward pass with eager attention over the exact sequen
   weights over the columns holding visual tokens; averaged over heads, reported per layer and averaged over
   layers. (Weights over all keys sum to 1; ``max_total_error`` reports the largest deviation seen.)
 * ``target_mass``: the same over the visual tokens of the step's target image only (positions with a target).
+* ``latent_mass``: the same over the keys holding fed latents (every segment so far), and ``segment_mass`` over
+  the most recent segment only, for text positions (step and answer tokens) after a segment: does the text the
+  model writes read its latents at all, and how much beside the images?
 * ``cos``: the cosine between the alignment-layer hidden state, mapped through the trained projector, and the
   teacher's mean patch feature of the step's target image (positions with a target, models with a probe).
 * per latent segment, ``segment_alignment``: the training objective's own similarity (the K states as a
@@ -79,6 +82,18 @@ def sample_dilution(subject: Subject, sample: Sample, result, probe: Probe | Non
     image_cols = trace.image_of_column >= 0
     mass = attention_mass(att, queries, image_cols)  # (layers, n)
     total = attention_mass(att, queries, torch.ones(length, dtype=torch.bool))
+    latent_cols = torch.zeros(length, dtype=torch.bool)
+    latent_cols[trace.prompt_len + torch.tensor([i for i, g in enumerate(trace.segments) if g >= 0],
+                                                dtype=torch.long)] = True
+    latent_mass = attention_mass(att, queries, latent_cols).mean(0)
+    segment_mass: list[float | None] = [None] * n
+    last_segment = -1
+    for i, (kind, g) in enumerate(zip(trace.kinds, trace.segments, strict=True)):
+        last_segment = max(last_segment, g)
+        if kind in ("step", "answer") and last_segment >= 0:
+            cols = torch.zeros(length, dtype=torch.bool)
+            cols[trace.prompt_len + torch.tensor([j for j, h in enumerate(trace.segments) if h == last_segment])] = 1
+            segment_mass[i] = float(attention_mass(att, queries[i:i + 1], cols).mean())
     target_mass: list[float | None] = [None] * n
     cos: list[float | None] = [None] * n
     feats_of: dict[int, tuple[torch.Tensor, tuple[int, int]] | None] = {}
@@ -118,6 +133,7 @@ def sample_dilution(subject: Subject, sample: Sample, result, probe: Probe | Non
                              "picks_target": all(own > o for o in others) if others else None})
     return {"id": sample.id, "kinds": trace.kinds, "lines": trace.lines, "mass": mass.mean(0).tolist(),
             "mass_layers": mass.T.tolist(), "target_mass": target_mass, "cos": cos,
+            "latent_mass": latent_mass.tolist(), "segment_mass": segment_mass,
             "max_total_error": float((total - 1).abs().max()), "segments": segments}
 
 
@@ -137,11 +153,14 @@ def aggregate(per_sample: Sequence[dict[str, Any]], n_layers: int, min_count: in
                 bucket["layers"].append(s["mass_layers"][i])
                 bucket["target_mass"].append(s["target_mass"][i])
                 bucket["cos"].append(s["cos"][i])
+                bucket["latent_mass"].append(s["latent_mass"][i])
+                bucket["segment_mass"].append(s["segment_mass"][i])
 
     def summary(b: dict[str, list]) -> dict[str, Any]:
         layers = [_avg([row[layer] for row in b["layers"]]) for layer in range(n_layers)]
         return {"n": len(b["mass"]), "mass": _avg(b["mass"]), "mass_layers": layers,
-                "target_mass": _avg(b["target_mass"]), "cos": _avg(b["cos"])}
+                "target_mass": _avg(b["target_mass"]), "cos": _avg(b["cos"]),
+                "latent_mass": _avg(b["latent_mass"]), "segment_mass": _avg(b["segment_mass"])}
 
     positions = [{"position": i, **summary(by_pos[i])} for i in sorted(by_pos) if len(by_pos[i]["mass"]) >= min_count]
     lines = {kind: [{"line": line, **summary(b)} for (k, line), b in sorted(by_line.items(), key=lambda x: x[0][1])
