@@ -191,10 +191,11 @@ def aggregate(per_sample: Sequence[dict[str, Any]], n_layers: int, min_count: in
 
 
 def plot(reports: dict[str, dict[str, Any]], path: Path, title: str = "dilution") -> Path:
-    """Four panels: image-attention mass by position, by reasoning line (text vs latent) and by layer (text
-    vs latent), and the cosine to the teacher's target-view feature by position; one colour per model."""
+    """Five panels: image-attention mass by position, by reasoning line (text vs latent) and by layer (text
+    vs latent), the step text's attention on its own latent segment beside its target view's image tokens by
+    line, and the cosine to the teacher's target-view feature by position; one colour per model."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2), dpi=100)
+    fig, axes = plt.subplots(1, 5, figsize=(23, 4.2), dpi=100)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for c, (label, rep) in enumerate(reports.items()):
         colour = colours[c % len(colours)]
@@ -210,14 +211,21 @@ def plot(reports: dict[str, dict[str, Any]], path: Path, title: str = "dilution"
             if layers and all(v is not None for v in layers):
                 axes[2].plot(range(1, len(layers) + 1), layers, style, marker="o", color=colour,
                              label=f"{label} ({'text' if kind == 'step' else 'latent'})")
+        rows = rep["by_line"].get("step", [])
+        for key, style, what in (("segment_mass", "-", "own latent segment"), ("target_mass", ":", "target view")):
+            pts = [(r["line"] + 1, r[key]) for r in rows if r.get(key) is not None]
+            if pts:
+                axes[3].plot(*zip(*pts, strict=True), style, marker="o", color=colour, label=f"{label} ({what})")
         cos = [(p["position"], p["cos"]) for p in pos if p["cos"] is not None]
         if cos:
-            axes[3].plot(*zip(*cos, strict=True), color=colour, label=label, lw=1.2)
+            axes[4].plot(*zip(*cos, strict=True), color=colour, label=label, lw=1.2)
     axes[0].set(xlabel="generated position", ylabel="attention mass on image tokens",
                 title="image attention (mean over layers, heads)")
     axes[1].set(xlabel="reasoning step (line)", ylabel="attention mass on image tokens", title="by step")
     axes[2].set(xlabel="layer", ylabel="attention mass on image tokens", title="by layer")
-    axes[3].set(xlabel="generated position", ylabel="cosine", title="projected state vs teacher (target view)")
+    axes[3].set(xlabel="reasoning step (line)", ylabel="attention mass of the step text",
+                title="reading its latents vs its view")
+    axes[4].set(xlabel="generated position", ylabel="cosine", title="projected state vs teacher (target view)")
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.lines:
