@@ -290,7 +290,7 @@ def shade_views(world_dir: Path, shade: int, tint: int) -> int:
     import numpy as np
     from PIL import Image
 
-    from valr.synth.world import BACKGROUND_RGB
+    from valr.synth.world import shade_background
 
     if shade <= 0:
         return 0
@@ -301,13 +301,7 @@ def shade_views(world_dir: Path, shade: int, tint: int) -> int:
             continue
         with Image.open(p) as im:
             a = np.asarray(im.convert("RGB")).copy()
-        cell = a.shape[0] // 4 if a.shape[0] % 4 == 0 else a.shape[0]
-        r = np.arange(a.shape[0])[:, None] // cell
-        c = np.arange(a.shape[1])[None, :] // cell
-        bg = ((a[..., 0] == BACKGROUND_RGB[0] + r * tint) & (a[..., 1] == BACKGROUND_RGB[1])
-              & (a[..., 2] == BACKGROUND_RGB[2] + c * tint))
-        if bg.any():
-            a[..., 1][bg] = BACKGROUND_RGB[1] + shade * v
+        if shade_background(a, v, shade, tint):
             Image.fromarray(a).save(p, format="PNG", compress_level=6)
             changed += 1
     return changed
@@ -468,9 +462,11 @@ def segment_view_accuracy(loaded: Any, records_file: Path, feature_cache: Path |
     """Does each latent segment carry its step's view? Teacher-forced on ``n`` records, in the checkpoint's own
     layout (K, alignment layer, where segments sit): for every segment with a target, the alignment loss of its
     projected states against each of the record's images; the segment *picks its view* when the target image
-    is the nearest (chance: one over the number of views). Returns ``picks_view`` overall and per family and
-    first/later step (``chase/later``), and ``align_own`` / ``align_other`` (mean loss against the target and
-    against the other images). Empty for a checkpoint without a trained projector."""
+    is the nearest (chance: one over the number of views). A target that is not an input image (e.g. a focus
+    image, ``valr.synth.focus``) competes with the record's other distinct step targets instead. Returns
+    ``picks_view`` overall and per family and first/later step (``chase/later``), and ``align_own`` /
+    ``align_other`` (mean loss against the target and against the other images). Empty for a checkpoint
+    without a trained projector."""
     import torch
 
     from valr.data import LayoutConfig, load_records, make_batch
@@ -496,7 +492,9 @@ def segment_view_accuracy(loaded: Any, records_file: Path, feature_cache: Path |
             out = forward_latent(bb, b, cfg.align_layer, "fast")
             for row, (j, s) in enumerate(out.segment_owner):
                 target, views = b.segment_targets[j][s], list(rs[j].images)
-                if target is None or Path(target) not in views:
+                if target is not None and Path(target) not in views:  # e.g. focus images: the record's own
+                    views = sorted({Path(t) for t in b.segment_targets[j] if t is not None})
+                if target is None or len(views) < 2:
                     continue
                 feats = target_features(teacher, views, cache)
                 states = out.latent_states[row:row + 1]  # the training loss of this segment against each view

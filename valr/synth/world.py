@@ -22,6 +22,7 @@ no global RNG), and rendering uses PIL without antialiasing, so the same seed gi
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -232,8 +233,10 @@ def background_rgb(r: int, c: int, config: WorldConfig = WorldConfig()) -> tuple
     return BACKGROUND_RGB[0] + r * t, BACKGROUND_RGB[1], BACKGROUND_RGB[2] + c * t
 
 
-def render_view(scene: Scene, v: int, config: WorldConfig = WorldConfig()) -> Image.Image:
-    """Render view ``v`` as an RGB image of ``config.image_size`` px (deterministic, no antialiasing)."""
+def render_view(scene: Scene, v: int, config: WorldConfig = WorldConfig(),
+                only: Collection[tuple[int, int]] | None = None) -> Image.Image:
+    """Render view ``v`` as an RGB image of ``config.image_size`` px (deterministic, no antialiasing); with
+    ``only``, just the objects at those (row, col) cells, the rest of the board drawn empty."""
     if scene.grid != config.grid:
         raise ValueError(f"scene grid {scene.grid} != config grid {config.grid}")
     cell = config.cell_px
@@ -249,10 +252,27 @@ def render_view(scene: Scene, v: int, config: WorldConfig = WorldConfig()) -> Im
             draw.line((k * cell, 0, k * cell, config.image_size - 1), fill=GRID_LINE_RGB, width=1)
             draw.line((0, k * cell, config.image_size - 1, k * cell), fill=GRID_LINE_RGB, width=1)
     for r, c in scene.cells(v):
+        if only is not None and (r, c) not in only:
+            continue
         obj = scene.obj(v, r, c)
         assert obj is not None
         draw_object(draw, obj, r, c, cell)
     return img
+
+
+def shade_background(a: np.ndarray, v: int, shade: int, tint: int) -> bool:
+    """Give view ``v``'s background pixels of the RGB array ``a`` (H, W, 3; changed in place) the green shade
+    ``BACKGROUND + shade * v`` (see ``valr.demo.shade_views``); only pixels of the (tinted) background colour
+    change. Returns whether any did."""
+    if shade <= 0 or v == 0:
+        return False
+    cell = a.shape[0] // 4 if a.shape[0] % 4 == 0 else a.shape[0]
+    r = np.arange(a.shape[0])[:, None] // cell
+    c = np.arange(a.shape[1])[None, :] // cell
+    bg = ((a[..., 0] == BACKGROUND_RGB[0] + r * tint) & (a[..., 1] == BACKGROUND_RGB[1])
+          & (a[..., 2] == BACKGROUND_RGB[2] + c * tint))
+    a[..., 1][bg] = BACKGROUND_RGB[1] + shade * v
+    return bool(bg.any())
 
 
 def render_scene(scene: Scene, config: WorldConfig = WorldConfig()) -> list[Image.Image]:
