@@ -105,3 +105,14 @@ def test_demo_quick_writes_documented_files(tmp_path):
     assert again["variants"]["valr_s"]["accuracy"] == valr_s["accuracy"]
     assert again["stage_seconds"] == res["stage_seconds"]
     assert secs < 60
+
+    # focus targets: only the aligned variants (and what reads them) train again, on the focus records
+    _run(out, "--seed", "3", "step_targets=focus")
+    focus = json.loads((out / "results.json").read_text())
+    assert {"stage1", "sft", "latent_no_align", "teacher"} <= set(focus["reused_stages"])
+    assert not {"focus", "valr_s", "valr_m"} & set(focus["reused_stages"])
+    assert "focus/train.jsonl" in (out / "valr_s" / "run" / "train_config.yaml").read_text()
+    assert "chains/train.jsonl" in (out / "latent_no_align" / "run" / "train_config.yaml").read_text()
+    targets = [s.target.file for r in load_records(out / "focus" / "train.jsonl") for s in r.steps]
+    assert targets and all(t is not None and t.is_file() for t in targets)
+    assert _frac(focus["reading"]["valr_s"]["segment_views"]["picks_view"])

@@ -150,6 +150,10 @@ class DemoConfig:
     projector_width: int = 256
     center_targets: bool = True  # valr.center_targets: align to each image's patch features minus their mean
     latent_after: str | None = r"#\d+ view \d+"  # valr.latent_after: each latent segment after the step's head
+    # what the aligned variants' latents are pulled toward: "view" (the step's input view, as in the paper's
+    # multi-view data) or "focus" (what the step finds, drawn alone: valr.synth.focus, like the paper's
+    # interleaved images); the text and every other variant are the same either way
+    step_targets: str = "view"
     valr_m: bool = False
     # the data-efficiency runs (stage 1 + VaLR-S on this fraction of the records) cost 8 of the full mode's 32
     # minutes, so the default demo skips them (0) and the study turns them on with data_fraction=0.25
@@ -219,8 +223,12 @@ class DemoConfig:
                 data[f.name] = float(value)
         data["teacher"] = build_dataclass(TeacherTrainConfig, data["teacher"], "demo override teacher")
         data["test_ks"] = tuple(data["test_ks"])
+        if data["step_targets"] not in STEP_TARGETS:
+            raise ConfigError(f"demo override step_targets={data['step_targets']!r}: expected one of {STEP_TARGETS}")
         return build_dataclass(DemoConfig, data, "demo overrides")
 
+
+STEP_TARGETS = ("view", "focus")
 
 # ------------------------------------------------------------------------------------------------- stages
 
@@ -1409,18 +1417,39 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
     # 4. stage 1 (CoT SFT)
     stage1("stage1", 1.0)
 
-    # 5. variants
+    # 5. variants; the aligned ones train on records whose step targets are focus images when asked
+    aligned_dir = cdir
+    if c.step_targets == "focus":
+        def do_focus(d: Path):
+            from valr.synth.dataset import world_config
+            from valr.synth.focus import focus_records
+
+            world_cfg = world_config(json.loads((cdir / "manifest.json").read_text()))
+            link_images(cdir / "images", d / "images")
+            res = {}
+            for split in ("train", "val", "val_small"):  # the same records, read from here so images resolve
+                shutil.copyfile(cdir / f"{split}.jsonl", d / f"{split}_views.jsonl")
+                res[split] = focus_records(d / f"{split}_views.jsonl", d / f"{split}.jsonl", world_cfg, c.view_shade)
+            return res
+
+        st.run("focus", {"chains": st.fps["chains"], "view_shade": c.view_shade, "v": 1}, do_focus)
+        aligned_dir = out / "focus"
+
     def variant(name: str, up: str, stage: int, lam: float, teachers: list, fraction: float = 1.0):
+        ddir = aligned_dir if teachers else cdir
+
         def fn(d: Path):
-            return _train(c, d, model=Path(training[up]["checkpoint"]), data=cdir / "train.jsonl", stage=stage,
+            return _train(c, d, model=Path(training[up]["checkpoint"]), data=ddir / "train.jsonl", stage=stage,
                           steps=c.stage2_steps, lr=c.stage2_lr, lambda_align=lam, teachers=teachers,
-                          data_fraction=fraction, val_data=cdir / "val_small.jsonl" if stage == 2 else None,
+                          data_fraction=fraction, val_data=ddir / "val_small.jsonl" if stage == 2 else None,
                           progress=progress)
         key = {"up": st.fps[up], "stage": stage, "lambda": lam, "teachers": [dataclasses.asdict(t) for t in teachers],
                "steps": c.stage2_steps, "lr": c.stage2_lr, "projector_lr": c.projector_lr, "fraction": fraction,
                "teacher_fp": st.fps["teacher"] if teachers else None}
         if stage == 2:
             key["latent"] = latent_key
+        if teachers and c.step_targets != "view":  # absent for view targets, as before the option existed
+            key["targets"] = st.fps["focus"]
         training[name] = st.run(name, key, fn)
 
     from valr.teachers import TeacherSpec
@@ -1481,7 +1510,7 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
                 res[n]["step_tokens"] = step_token_accuracy(loaded, cdir / "val.jsonl", n=min(128, c.n_val), k=k,
                                                             layer=c.align_layer)
             if n == "valr_s":  # does each latent segment carry its step's view (the alignment's target)?
-                res[n]["segment_views"] = segment_view_accuracy(loaded, cdir / "val.jsonl", out / n / "features",
+                res[n]["segment_views"] = segment_view_accuracy(loaded, aligned_dir / "val.jsonl", out / n / "features",
                                                                 n=min(96, c.n_val))
         return res
 
