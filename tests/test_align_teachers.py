@@ -6,7 +6,15 @@ import pytest
 import torch
 from PIL import Image
 
-from valr.align import Aligner, Projector, cosine_distance, grid_side, latents_to_grid, mean_feature_loss
+from valr.align import (
+    Aligner,
+    Projector,
+    cosine_distance,
+    grid_side,
+    latents_to_grid,
+    mean_feature_loss,
+    position_mean_loss,
+)
 from valr.config import ValrConfig
 from valr.data import LayoutConfig, make_batch
 from valr.teachers import (
@@ -217,6 +225,22 @@ def test_centred_targets_deny_the_constant_prediction():
     assert float(cosine_distance(constant, centred.targets(feats))) > 0.8  # and gains ~nothing once centred
 
 
+def test_position_mean_loss_is_the_plateau_of_slots_that_know_only_their_position():
+    torch.manual_seed(0)
+    cell = torch.randn(1, 4, 8) * 3  # what each position holds in every image
+    feats = cell + 0.1 * torch.randn(50, 4, 8)
+    # by hand: per position, the mean over images, after centring each image over its patches
+    c = feats - feats.mean(1, keepdim=True)
+    want = 1 - torch.nn.functional.cosine_similarity(c, c.mean(0, keepdim=True).expand_as(c), dim=-1).mean()
+    assert position_mean_loss(feats, center=True) == pytest.approx(float(want), abs=1e-6)
+    assert position_mean_loss(feats) < 0.01  # positions explain almost everything here
+    assert position_mean_loss(feats) < mean_feature_loss(feats.reshape(-1, 8))  # a mean over positions does not
+    noise = torch.randn(200, 4, 8)  # nothing shared: knowing the position gains nothing
+    assert position_mean_loss(noise, center=True) > 0.9
+    with pytest.raises(ValueError, match="images, patches, dim"):
+        position_mean_loss(torch.zeros(4, 8))
+
+
 def test_cache_sample_reads_pending_and_written_features_and_feeds_the_mean_baseline(tmp_path):
     from valr.demo import cache_mean_feature_loss
     from valr.teachers import sample_cached_features
@@ -235,5 +259,7 @@ def test_cache_sample_reads_pending_and_written_features_and_feeds_the_mean_base
     assert cache.sample(limit=2).shape == (8, 3)
     on_disk = sample_cached_features(cache.dir)
     assert on_disk.shape == (16, 3)  # the pending image is not on disk yet
-    assert cache_mean_feature_loss(tmp_path / "cache") == {"t": pytest.approx(mean_feature_loss(on_disk))}
+    got = cache_mean_feature_loss(tmp_path / "cache", center=True)
+    assert got["t"]["mean_feature"] == pytest.approx(mean_feature_loss(on_disk))
+    assert got["t"]["position_mean"] == pytest.approx(position_mean_loss(torch.stack(feats[:4]), center=True))
     assert sample_cached_features(tmp_path / "nothing").numel() == 0

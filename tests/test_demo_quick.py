@@ -63,6 +63,7 @@ def test_demo_quick_writes_documented_files(tmp_path):
     assert "per_device_batch_size: 4" in round2 and "stage0_find_one_view/run/final" in round2
     # beside it, the loss of a projector that only predicts the mean teacher feature
     assert 0 < res["variants"]["valr_s"]["training"]["align_of_mean_feature"]["percept"] < 2
+    assert 0 < res["variants"]["valr_s"]["training"]["align_of_position_mean"]["percept"] < 2  # centred, per cell
     assert "align_of_mean_feature" not in res["variants"]["sft"]["training"]
     # the held-out reading probe covers every stage up to the variants, own and swapped images
     assert {"vision", "stage0_one_view", "stage0", "stage0_find_one_view", "stage0_find_one_view2", "stage0_find",

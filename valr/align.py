@@ -63,6 +63,19 @@ def mean_feature_loss(features: torch.Tensor) -> float:
     return float(1.0 - F.cosine_similarity(flat, flat.mean(0, keepdim=True), dim=-1, eps=1e-8).mean())
 
 
+def position_mean_loss(features: torch.Tensor, center: bool = False) -> float:
+    """The alignment loss (1 - cos) of a projector that knows which patch position each latent stands for but
+    nothing about the image: it predicts, per position, the mean over images of the (per-image centred when
+    ``center``, as ``valr.center_targets`` trains) features ``(N, P, D)``. With centred targets this, not
+    :func:`mean_feature_loss`, is the plateau of latents that learned their cell and not the image."""
+    if features.ndim != 3 or features.shape[0] == 0:
+        raise ValueError("position_mean_loss needs features of shape (images, patches, dim)")
+    f = features.float()
+    if center:
+        f = f - f.mean(dim=1, keepdim=True)
+    return float(1.0 - F.cosine_similarity(f, f.mean(0, keepdim=True).expand_as(f), dim=-1, eps=1e-8).mean())
+
+
 class Aligner(nn.Module):
     """One projector per teacher; computes the multi-teacher REPA loss (a plain mean over teachers)."""
 

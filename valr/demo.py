@@ -768,17 +768,27 @@ def finding_accuracy(loaded: Any, find_file: Path, n: int = 128) -> dict[str, fl
             **{f"find_{name}": a / c for name, (a, c) in sorted(cells.items())}}
 
 
-def cache_mean_feature_loss(cache_root: Path, limit: int = 2000) -> dict[str, float]:
-    """Per teacher under a feature-cache directory: the alignment loss of always predicting the mean teacher
-    feature (:func:`valr.align.mean_feature_loss`) over up to ``limit`` cached images. Empty if no cache."""
-    from valr.align import mean_feature_loss
-    from valr.teachers import sample_cached_features
+def cache_mean_feature_loss(cache_root: Path, limit: int = 2000, center: bool = False) -> dict[str, dict[str, float]]:
+    """Per teacher under a feature-cache directory, over up to ``limit`` cached images, the alignment losses of two
+    projectors that know nothing about the image: ``mean_feature``, always the mean teacher feature
+    (:func:`valr.align.mean_feature_loss`, raw features: the plateau of raw targets), and ``position_mean``, per
+    patch position the mean over images, of centred features when ``center`` (the plateau of latents that
+    learned their cell only; :func:`valr.align.position_mean_loss`). Empty if no cache."""
+    from collections import Counter
+
+    import torch
+
+    from valr.align import mean_feature_loss, position_mean_loss
+    from valr.teachers import cached_feature_maps
 
     out = {}
     for tdir in sorted(p for p in cache_root.glob("*") if p.is_dir()):
-        feats = sample_cached_features(tdir, limit)
-        if len(feats):
-            out[tdir.name] = mean_feature_loss(feats)
+        maps = cached_feature_maps(tdir, limit)
+        if maps:
+            shape = Counter(m.shape for m in maps).most_common(1)[0][0]  # images with the usual patch grid
+            out[tdir.name] = {"mean_feature": mean_feature_loss(torch.cat(maps)),
+                              "position_mean": position_mean_loss(torch.stack([m for m in maps if m.shape == shape]),
+                                                                  center)}
     return out
 
 
@@ -1528,9 +1538,10 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
         if name in evals:
             variants[name] = public(evals[name])
             variants[name]["training"] = {k: v for k, v in training[name].items() if k != "curve"}
-            baseline = cache_mean_feature_loss(out / name / "features")
-            if baseline:  # what the align loss would be if the projector only learned the mean teacher feature
-                variants[name]["training"]["align_of_mean_feature"] = baseline
+            baseline = cache_mean_feature_loss(out / name / "features", center=c.center_targets)
+            if baseline:  # what the align loss would be if the latents carried nothing about the image
+                for key in ("mean_feature", "position_mean"):
+                    variants[name]["training"][f"align_of_{key}"] = {t: b[key] for t, b in baseline.items()}
     if "valr_s" in variants:
         by_k = {str(c.k): evals["valr_s"]["accuracy"]}
         by_k.update({str(k): evals[f"valr_s_k{k}"]["accuracy"] for k in c.test_ks if k != c.k})

@@ -209,9 +209,9 @@ def _flush_pending(directory: Path, teacher_id: str, pending: dict, dtype: torch
     return directory / name
 
 
-def sample_cached_features(teacher_dir: str | Path, limit: int = 2000) -> torch.Tensor:
-    """Patch features ``(N, D)`` of up to ``limit`` images from one teacher's cache directory, reading its shard
-    files in name order; needs no teacher object (e.g. for statistics of a finished run). Empty if no shards."""
+def cached_feature_maps(teacher_dir: str | Path, limit: int = 2000) -> list[torch.Tensor]:
+    """Per-image patch features ``(P, D)`` of up to ``limit`` images from one teacher's cache directory, reading
+    its shard files in name order; needs no teacher object (e.g. for statistics of a finished run)."""
     from safetensors.torch import load_file
 
     feats: list[torch.Tensor] = []
@@ -219,7 +219,13 @@ def sample_cached_features(teacher_dir: str | Path, limit: int = 2000) -> torch.
         if len(feats) >= limit:
             break
         feats += [t.float() for t in load_file(str(shard)).values()][: limit - len(feats)]
-    return torch.cat([f.reshape(-1, f.shape[-1]) for f in feats]) if feats else torch.zeros(0, 0)
+    return [f.reshape(-1, f.shape[-1]) for f in feats]
+
+
+def sample_cached_features(teacher_dir: str | Path, limit: int = 2000) -> torch.Tensor:
+    """Patch features ``(N, D)`` of up to ``limit`` cached images (all patches of all images); empty if none."""
+    feats = cached_feature_maps(teacher_dir, limit)
+    return torch.cat(feats) if feats else torch.zeros(0, 0)
 
 
 class FeatureCache:
