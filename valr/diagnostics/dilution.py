@@ -82,18 +82,19 @@ def sample_dilution(subject: Subject, sample: Sample, result, probe: Probe | Non
     image_cols = trace.image_of_column >= 0
     mass = attention_mass(att, queries, image_cols)  # (layers, n)
     total = attention_mass(att, queries, torch.ones(length, dtype=torch.bool))
-    latent_cols = torch.zeros(length, dtype=torch.bool)
-    latent_cols[trace.prompt_len + torch.tensor([i for i, g in enumerate(trace.segments) if g >= 0],
-                                                dtype=torch.long)] = True
-    latent_mass = attention_mass(att, queries, latent_cols).mean(0)
+    segment_of = torch.tensor(trace.segments, dtype=torch.long)  # per generated position, -1 off latents
+
+    def generated(mask: torch.Tensor) -> torch.Tensor:  # key columns: the prompt's never, these generated ones
+        return torch.cat([torch.zeros(trace.prompt_len, dtype=torch.bool), mask])
+
+    latent_mass = attention_mass(att, queries, generated(segment_of >= 0)).mean(0)
     segment_mass: list[float | None] = [None] * n
     last_segment = -1
-    for i, (kind, g) in enumerate(zip(trace.kinds, trace.segments, strict=True)):
-        last_segment = max(last_segment, g)
+    for i, kind in enumerate(trace.kinds):
+        last_segment = max(last_segment, trace.segments[i])
         if kind in ("step", "answer") and last_segment >= 0:
-            cols = torch.zeros(length, dtype=torch.bool)
-            cols[trace.prompt_len + torch.tensor([j for j, h in enumerate(trace.segments) if h == last_segment])] = 1
-            segment_mass[i] = float(attention_mass(att, queries[i:i + 1], cols).mean())
+            own = generated(segment_of == last_segment)
+            segment_mass[i] = float(attention_mass(att, queries[i:i + 1], own).mean())
     target_mass: list[float | None] = [None] * n
     cos: list[float | None] = [None] * n
     feats_of: dict[int, tuple[torch.Tensor, tuple[int, int]] | None] = {}
