@@ -1493,7 +1493,8 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
                                                          c.align_layer, n=min(64, c.n_val))
             (d / "metrics.json").write_text(json.dumps(m))
             return {"metrics_file": str(d / "metrics.json")}
-        key = {"up": st.fps[train_name], "policy": policy, "k": k, "limit": c.eval_limit, "diag": 1,
+        key = {"up": st.fps[train_name], "policy": policy, "k": k if policy != "off" else 0,  # off: K unused
+               "limit": c.eval_limit, "diag": 1,
                "max_new_tokens": c.max_new_tokens, "split": c.eval_split, "test": st.fps["chains"]}
         res = st.run(f"eval/{label}", key, fn)
         evals[label] = json.loads(Path(res["metrics_file"]).read_text())
