@@ -501,13 +501,15 @@ def segment_view_accuracy(loaded: Any, records_file: Path, feature_cache: Path |
             rs = recs[i:i + batch]
             b = make_batch(rs, tok, bb, lay, lat)
             out = forward_latent(bb, b, cfg.align_layer, "fast")
+            # every image a segment may be compared with, read (or encoded) once per batch, not per segment
+            feats = target_features(teacher, [p for r in rs for p in r.images]
+                                    + [Path(t) for ts in b.segment_targets for t in ts if t is not None], cache)
             for row, (j, s) in enumerate(out.segment_owner):
                 target, views = b.segment_targets[j][s], list(rs[j].images)
                 if target is not None and Path(target) not in views:  # e.g. focus images: the record's own
                     views = sorted({Path(t) for t in b.segment_targets[j] if t is not None})
                 if target is None or len(views) < 2:
                     continue
-                feats = target_features(teacher, views, cache)
                 states = out.latent_states[row:row + 1]  # the training loss of this segment against each view
                 d = [float(aligner.loss(states, {teacher.name: [(0, *feats[v])]})[0]) for v in views]
                 t = views.index(Path(target))
