@@ -7,7 +7,16 @@ import torch
 from valr.data.collate import Batch
 
 
-def naive_latent_forward(bb, single: Batch, layer: int):
+def naive_feed(bb, h: torch.Tensor, how: str) -> torch.Tensor:
+    """What a latent slot is fed, written out: the hidden state, or it scaled to the embedding table's RMS."""
+    if how == "hidden":
+        return h
+    assert how == "embedding_rms"
+    table = bb.model.get_input_embeddings().weight.detach()
+    return h * (table.pow(2).mean().sqrt() / h.pow(2).mean().sqrt())
+
+
+def naive_latent_forward(bb, single: Batch, layer: int, feed: str = "hidden"):
     """A batch of one sample: for every slot in order, recompute the whole prefix without a cache and feed back
     the last hidden state. Returns (final hidden (L, D), alignment-layer states at slots, slot inputs)."""
     assert single.size == 1
@@ -18,14 +27,14 @@ def naive_latent_forward(bb, single: Batch, layer: int):
     slots = single.slot_positions(0)
     for s in slots:
         out = bb.decode(torch.stack(rows[:s])[None], pos[:, :, :s], mask[:, :s], None)
-        rows[s] = out.last_hidden[0, -1]
+        rows[s] = naive_feed(bb, out.last_hidden[0, -1], feed)
     out = bb.decode(torch.stack(rows)[None], pos, mask, None, layer)
     inputs = torch.stack([rows[s] for s in slots]) if slots else embeds[:0]
     return out.last_hidden[0], out.layer_hidden[0, slots], inputs
 
 
 def naive_generate(bb, tok, latent, prompt_ids: list[int], images, policy: str, k: int, max_new_tokens: int,
-                   step_end: torch.Tensor, eos: list[int]):
+                   step_end: torch.Tensor, eos: list[int], feed: str = "hidden"):
     """Greedy generation by full recomputation at every position (batch 1, no cache, no padding).
 
     Returns (generated token ids, list of fed-back latent vectors).
@@ -43,8 +52,8 @@ def naive_generate(bb, tok, latent, prompt_ids: list[int], images, policy: str, 
         out = bb.decode(torch.stack(rows)[None], pos[:, None], torch.ones(1, len(rows), dtype=torch.long), None)
         h = out.last_hidden[0, -1]
         if left > 0:
-            rows.append(h)
-            fed.append(h)
+            rows.append(naive_feed(bb, h, feed))
+            fed.append(rows[-1])
             left -= 1
             close = left == 0
         else:

@@ -39,6 +39,25 @@ def test_save_load_generate_identical(tiny, image_dir, tmp_path):
     assert type(hf).__name__ == "Qwen2_5_VLForConditionalGeneration"
 
 
+def test_latent_feed_travels_with_the_checkpoint(tiny, image_dir, tmp_path):
+    """A model trained with rescaled latents is generated from with rescaled latents, with no flag to remember."""
+    model, tok, ip, bb, latent = tiny
+    save_checkpoint(tmp_path / "ck", model, tok, ip, ValrConfig(k=4, latent_feed="embedding_rms"))
+    loaded = load_checkpoint(tmp_path / "ck")
+    assert loaded.config.latent_feed == loaded.backbone.latent_feed == "embedding_rms"
+    prompts = [Prompt("What is left of the cube?", [Image.open(image_dir / "a.png")])]
+    cfg = GenerationConfig(max_new_tokens=12, latent_policy="force", k=4, return_latents=True)
+    bb.latent_feed = "embedding_rms"
+    here = Generator(bb, tok)(prompts, cfg)[0]
+    there = Generator(loaded.backbone, loaded.tokenizer)(prompts, cfg)[0]
+    torch.testing.assert_close(torch.cat(here.latents), torch.cat(there.latents))
+    meta = json.loads((tmp_path / "ck" / "valr_config.json").read_text())
+    meta["valr"]["latent_feed"] = "unit"
+    (tmp_path / "ck" / "valr_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="valr_config.json: latent_feed 'unit' is not one of"):
+        load_checkpoint(tmp_path / "ck")
+
+
 def test_cli_tiny_and_generate_json(tmp_path, image_dir, capsys):
     assert main(["tiny", "--out", str(tmp_path / "m"), "--k", "4"]) == 0
     capsys.readouterr()

@@ -25,9 +25,10 @@ def _objective(bb, hidden, states, weight):
     return bb.logits(hidden).logsumexp(-1).sum() + (hidden * weight).sum() + (states ** 2).sum() * 0.1
 
 
-@pytest.mark.parametrize("k", [1, 4])
-def test_exact_mode_matches_naive_reference(tiny, records, k):
+@pytest.mark.parametrize(("k", "feed"), [(1, "hidden"), (4, "hidden"), (4, "embedding_rms")])
+def test_exact_mode_matches_naive_reference(tiny, records, k, feed):
     model, tok, _, bb, latent = tiny
+    bb.latent_feed = feed
     model.train()
     cfg = LayoutConfig(k=k)
     batch = make_batch(records, tok, bb, cfg, latent)
@@ -47,7 +48,7 @@ def test_exact_mode_matches_naive_reference(tiny, records, k):
     ref_total = 0.0
     for b, rec in enumerate(records):
         single = make_batch([rec], tok, bb, cfg, latent)
-        hidden, states, inputs = naive_latent_forward(bb, single, LAYER)
+        hidden, states, inputs = naive_latent_forward(bb, single, LAYER, feed)
         n = hidden.shape[0]
         rows = [i for i, (ob, _) in enumerate(out.segment_owner) if ob == b]
         torch.testing.assert_close(out.hidden[b, :n], hidden, atol=1e-5, rtol=1e-4)
@@ -76,8 +77,10 @@ def test_gradient_flows_through_the_recurrence(tiny, records):
     assert (grads["exact"] - grads["fast"]).abs().max() > 1e-4 * grads["exact"].abs().max()
 
 
-def test_fast_mode_equals_exact_mode_forward(tiny, records):
+@pytest.mark.parametrize("feed", ["hidden", "embedding_rms"])
+def test_fast_mode_equals_exact_mode_forward(tiny, records, feed):
     model, tok, _, bb, latent = tiny
+    bb.latent_feed = feed
     batch = make_batch(records, tok, bb, LayoutConfig(k=4), latent)
     exact = forward_latent(bb, batch, LAYER, "exact")
     fast = forward_latent(bb, batch, LAYER, "fast")
@@ -107,3 +110,25 @@ def test_layer_out_of_range_is_rejected(tiny, records):
         forward_latent(bb, batch, 5, "exact")
     with pytest.raises(ValueError, match="out of range"):
         forward_latent(bb, batch, 0, "fast")
+
+
+def test_embedding_rms_feed_puts_latents_at_the_embedding_scale(tiny, records):
+    """The rescaled feed is a real change (the tiny model's hidden states are far from the embeddings' scale) and
+    lands every fed vector at the embedding table's RMS, in the direction of the hidden state."""
+    model, tok, _, bb, latent = tiny
+    batch = make_batch(records, tok, bb, LayoutConfig(k=4), latent)
+    plain = forward_latent(bb, batch, LAYER, "fast").latent_inputs
+    bb.latent_feed = "embedding_rms"
+    scaled = forward_latent(bb, batch, LAYER, "fast").latent_inputs
+    table_rms = model.get_input_embeddings().weight.detach().pow(2).mean().sqrt()
+    rms = scaled.pow(2).mean(-1).sqrt()
+    torch.testing.assert_close(rms, torch.full_like(rms, float(table_rms)), atol=1e-6, rtol=1e-5)
+    assert plain.pow(2).mean(-1).sqrt().min() > 5 * table_rms
+    # a sample's first slot sees no earlier latent, so it is fed the same hidden state's direction either way
+    out = forward_latent(bb, batch, LAYER, "fast")
+    first = [i for i, (_, s) in enumerate(out.segment_owner) if s == 0]
+    cos = torch.nn.functional.cosine_similarity(plain[first, 0], scaled[first, 0], dim=-1)
+    torch.testing.assert_close(cos, torch.ones(len(first)), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="unknown latent_feed 'norm'.*embedding_rms"):
+        bb.latent_feed = "norm"
+        forward_latent(bb, batch, LAYER, "fast")

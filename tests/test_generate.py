@@ -30,7 +30,7 @@ def _check_against_naive(bb, tok, latent, gen, prompts, cfg):
         images = bb.image_inputs(p.images)
         ref_tokens, ref_fed = naive_generate(bb, tok, latent, r.prompt_token_ids, images if p.images else None,
                                              cfg.latent_policy, cfg.k, cfg.max_new_tokens,
-                                             gen.step_end(cfg.step_delimiter), gen.eos)
+                                             gen.step_end(cfg.step_delimiter), gen.eos, bb.latent_feed)
         assert r.token_ids == ref_tokens
         got = torch.cat(r.latents) if r.latents else torch.zeros(0, bb.hidden_size)
         ref = torch.stack(ref_fed) if ref_fed else torch.zeros(0, bb.hidden_size)
@@ -55,6 +55,18 @@ def test_cached_generation_matches_full_recompute(tiny, image_dir, policy, batch
     else:
         results = [_check_against_naive(bb, tok, latent, gen, [p], cfg)[0] for p in prompts]
     assert sum(r.latent_segments for r in results) > 0  # latent mode was really exercised
+
+
+def test_cached_generation_with_rescaled_feed_matches_full_recompute(tiny, image_dir):
+    model, tok, _, bb, latent = tiny
+    bb.latent_feed = "embedding_rms"
+    gen = Generator(bb, tok)
+    cfg = GenerationConfig(max_new_tokens=14, latent_policy="force", k=4, return_latents=True)
+    results = _check_against_naive(bb, tok, latent, gen, _prompts(image_dir), cfg)
+    fed = torch.cat([torch.cat(r.latents) for r in results])
+    table_rms = model.get_input_embeddings().weight.detach().pow(2).mean().sqrt()
+    torch.testing.assert_close(fed.pow(2).mean(-1).sqrt(), torch.full((fed.shape[0],), float(table_rms)),
+                               atol=1e-6, rtol=1e-5)
 
 
 def test_policy_off_equals_hf_generate(tiny, image_dir):

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, PreTrainedModel
 
 from valr.align import Aligner
-from valr.backbones import Backbone, backbone_for
+from valr.backbones import LATENT_FEEDS, Backbone, backbone_for
 from valr.config import ValrConfig
 from valr.tokens import QWEN_VL_CHAT_TEMPLATE, add_latent_tokens
 
@@ -91,11 +91,16 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
         tokenizer.chat_template = QWEN_VL_CHAT_TEMPLATE
     add_latent_tokens(tokenizer, model)
     image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    backbone = backbone_for(model, image_processor=image_processor)
     config, aligner = ValrConfig(), None
+    meta = {}
     if (path / VALR_CONFIG).is_file():
         meta = json.loads((path / VALR_CONFIG).read_text())
         config = ValrConfig.from_dict(meta.get("valr", {}), str(path / VALR_CONFIG))
+    if config.latent_feed not in LATENT_FEEDS:
+        raise ValueError(f"{path / VALR_CONFIG}: latent_feed {config.latent_feed!r} is not one of "
+                         f"{list(LATENT_FEEDS)}; fix the file (the paper's feedback is 'hidden')")
+    backbone = backbone_for(model, image_processor=image_processor, latent_feed=config.latent_feed)
+    if meta:
         shapes = meta.get("projectors")
         if shapes and (path / PROJECTORS).is_file():
             widths = {s["width"] for s in shapes.values()}

@@ -157,6 +157,9 @@ class DemoConfig:
     # multi-view data) or "focus" (what the step finds, drawn alone: valr.synth.focus, like the paper's
     # interleaved images); the text and every other variant are the same either way
     step_targets: str = "view"
+    # valr.latent_feed of the latent variants: "hidden" (the paper) or "embedding_rms" (fed latents rescaled to the
+    # token embeddings' scale; docs/results.md item 36)
+    latent_feed: str = "hidden"
     valr_m: bool = False
     # the data-efficiency runs (stage 1 + VaLR-S on this fraction of the records) cost 8 of the full mode's 32
     # minutes, so the default demo skips them (0) and the study turns them on with data_fraction=0.25
@@ -228,6 +231,10 @@ class DemoConfig:
         data["test_ks"] = tuple(data["test_ks"])
         if data["step_targets"] not in STEP_TARGETS:
             raise ConfigError(f"demo override step_targets={data['step_targets']!r}: expected one of {STEP_TARGETS}")
+        from valr.backbones.base import LATENT_FEEDS
+
+        if data["latent_feed"] not in LATENT_FEEDS:
+            raise ConfigError(f"demo override latent_feed={data['latent_feed']!r}: expected one of {LATENT_FEEDS}")
         return build_dataclass(DemoConfig, data, "demo overrides")
 
 
@@ -823,6 +830,7 @@ def _train(cfg: DemoConfig, out: Path, *, model: Path, data: Path, stage: int, s
     vcfg = ValrConfig(k=cfg.k, align_layer=cfg.align_layer, lambda_align=lambda_align,
                       projector_width=cfg.projector_width, teachers=list(teachers or []),
                       train_mode=cfg.train_mode, center_targets=cfg.center_targets, latent_after=cfg.latent_after,
+                      latent_feed=cfg.latent_feed if stage == 2 else "hidden",
                       feature_cache=str(out / "features") if teachers else None)
     tcfg = TrainConfig(model=str(model), train_data=str(data), val_data=str(val_data) if val_data else None,
                        output_dir=str(out / "run"), stage=stage, max_steps=steps,
@@ -1395,6 +1403,8 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
     # what only the latent variants use is in their own keys, so a K or layer sweep reuses stages 0 and 1
     latent_key = {k: getattr(c, k) for k in ("k", "align_layer", "train_mode", "projector_width", "center_targets",
                                              "latent_after")}
+    if c.latent_feed != "hidden":  # absent for the paper's feedback, as before the option existed
+        latent_key["latent_feed"] = c.latent_feed
 
     # 3. stage 0: perception pretraining of the MLLM: the vision tower on dense labels, then reading cells
     def do_vision(d: Path):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from valr.backbones.base import Backbone
+from valr.backbones.base import Backbone, latent_feeder
 from valr.data.collate import Batch
 from valr.data.layout import IGNORE
 
@@ -115,7 +115,8 @@ def _run_rounds(backbone: Backbone, batch: Batch, embeds: torch.Tensor, position
     past_k: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
     past_v: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
     past_masks: list[torch.Tensor] = []
-    prev_h: list[torch.Tensor | None] = [None] * batch_size
+    prev_h: list[torch.Tensor | None] = [None] * batch_size  # each sample's next latent input
+    feed = latent_feeder(backbone)
     finals: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]
     slot_states: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]
     slot_inputs: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]
@@ -163,7 +164,7 @@ def _run_rounds(backbone: Backbone, batch: Batch, embeds: torch.Tensor, position
             if r > 0:
                 slot_states[b].append(lay[b, 0])
                 slot_inputs[b].append(prev_h[b])
-            prev_h[b] = last[b, n - 1]
+            prev_h[b] = feed(last[b, n - 1])
     return finals, slot_states, slot_inputs
 
 

@@ -1,7 +1,8 @@
 """Batched, KV-cached generation with per-sample latent mode.
 
 Every sample advances one position per decoder call. A sample in text mode feeds the embedding of its next token;
-a sample in latent mode feeds back its own last final-layer hidden state for K positions, after which
+a sample in latent mode feeds back its own last final-layer hidden state for K positions (as it is, or rescaled
+to the embeddings' scale under ``latent_feed: embedding_rms``; see ``valr.backbones.base.latent_feeder``), after which
 ``</latent>`` is appended and text resumes. When a sample enters latent mode depends on the policy:
 
 * ``model`` — when the model itself emits ``<latent>`` (what a stage-2 model learned to do before each step).
@@ -46,8 +47,9 @@ Reasoning budget (``min_steps`` / ``max_steps``; both off by default, and then n
 Latent interventions: ``latent_hook(sample, segment, position, vector) -> vector`` transforms every fed-back
 latent vector before it is fed (``sample`` is the index in the call's prompt list, ``segment`` counts the
 sample's latent segments from 0, ``position`` the slot within the segment from 0, ``vector`` the (D,) final
-hidden state). The next position's hidden state is computed from what was fed, so an intervention propagates
-through the rest of the segment. ``latents`` in the result (``return_latents``) are the vectors actually fed.
+hidden state, rescaled first when the backbone's ``latent_feed`` asks for it). The next position's hidden
+state is computed from what was fed, so an intervention propagates through the rest of the segment.
+``latents`` in the result (``return_latents``) are the vectors actually fed.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from valr.backbones.base import Backbone, ImageInputs
+from valr.backbones.base import Backbone, ImageInputs, latent_feeder
 from valr.data.layout import prompt_ids
 from valr.tokens import LatentTokenIds, step_end_table
 
@@ -206,6 +208,7 @@ class Generator:
         cache, hidden = out.cache, out.last_hidden[:, -1]
         next_pos = positions[0, :, -1] + 1  # the last prompt token is text: same position on all axes
         embed = bb.model.get_input_embeddings()
+        feed = latent_feeder(bb)
         step_end = self.step_end(cfg.step_delimiter).to(device)
         procs = self._processors(cfg)
         gen = torch.Generator(device=device)
@@ -258,14 +261,15 @@ class Generator:
             feed_hidden = torch.zeros(batch, dtype=torch.bool, device=device)
             feed_ids = torch.full((batch,), self.pad_id, dtype=torch.long, device=device)
             active = torch.zeros(batch, dtype=torch.long, device=device)
-            fed = hidden.clone() if hook is not None else hidden
+            fed = feed(hidden)
+            fed = fed.clone() if hook is not None and fed is hidden else fed
             for b in range(batch):
                 if done[b]:
                     continue
                 active[b] = 1
                 if latent_left[b] > 0:
                     feed_hidden[b] = True
-                    vector = hidden[b]
+                    vector = fed[b]
                     if hook is not None:
                         vector = hook(b, len(latents[b]) - 1, cfg.k - latent_left[b], vector)
                         fed[b] = vector.to(fed.device, fed.dtype)

@@ -40,6 +40,7 @@ class Objective:
     def __init__(self, backbone: Backbone, config: ValrConfig, teachers: list[Teacher] | None = None,
                  aligner: Aligner | None = None):
         grid_side(config.k)
+        backbone.latent_feed = config.latent_feed  # the config decides how latents are fed
         self.backbone = backbone
         self.config = config
         if teachers is None:

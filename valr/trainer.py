@@ -56,6 +56,7 @@ import torch
 import yaml
 from torch import nn
 
+from valr.backbones.base import LATENT_FEEDS
 from valr.config import ConfigError, ValrConfig, apply_overrides, build_dataclass
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -230,6 +231,8 @@ def validate(cfg: TrainConfig) -> None:
             bad(f"{key}={getattr(cfg, key)!r} is not one of {list(allowed)}")
     if cfg.valr.train_mode not in ("exact", "fast"):
         bad(f"valr.train_mode={cfg.valr.train_mode!r} is not one of ['exact', 'fast']")
+    if cfg.valr.latent_feed not in LATENT_FEEDS:
+        bad(f"valr.latent_feed={cfg.valr.latent_feed!r} is not one of {list(LATENT_FEEDS)}")
     if not 0.0 < cfg.data_fraction <= 1.0:
         bad(f"data_fraction={cfg.data_fraction} must be in (0, 1]")
     for key in ("per_device_batch_size", "grad_accum", "keep_last", "log_every"):
@@ -491,6 +494,7 @@ class _Trainer:
         self.tok = loaded.tokenizer
         self.ip = loaded.image_processor
         self.backbone = loaded.backbone
+        self.backbone.latent_feed = cfg.valr.latent_feed  # this run's setting, whatever the source checkpoint had
         self.image_side = ImageSide.of(loaded.backbone)
         v = cfg.valr
         self.k = v.k if cfg.stage == 2 else 0

@@ -1,6 +1,15 @@
 """Model families behind one protocol. Importing this package registers the built-in adapters."""
 
 from valr.backbones import qwen2_5_vl  # noqa: F401  (registers qwen2_5_vl, qwen2_vl)
-from valr.backbones.base import Backbone, DecoderOutput, ImageInputs, backbone_for, register_backbone
+from valr.backbones.base import (
+    LATENT_FEEDS,
+    Backbone,
+    DecoderOutput,
+    ImageInputs,
+    backbone_for,
+    latent_feeder,
+    register_backbone,
+)
 
-__all__ = ["Backbone", "DecoderOutput", "ImageInputs", "backbone_for", "register_backbone"]
+__all__ = ["LATENT_FEEDS", "Backbone", "DecoderOutput", "ImageInputs", "backbone_for", "latent_feeder",
+           "register_backbone"]

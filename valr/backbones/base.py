@@ -50,6 +50,7 @@ class Backbone(Protocol):
     image_placeholder: str  # the token string repeated once per visual token in the prompt
     num_layers: int
     hidden_size: int
+    latent_feed: str  # how a final hidden state becomes the next latent input; one of LATENT_FEEDS
 
     def image_inputs(self, images: list[Image.Image]) -> ImageInputs: ...
 
@@ -70,6 +71,37 @@ class Backbone(Protocol):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
     def new_cache(self) -> Cache: ...
+
+
+# "hidden": the final post-norm hidden state as it is (the paper, Coconut). "embedding_rms": the same vector
+# rescaled to the root-mean-square of the input-embedding table, so fed latents sit at the scale of the token
+# embeddings the model reads everywhere else (not in the paper; in a pre-norm model the final hidden state is
+# usually many times larger, which peers report too).
+LATENT_FEEDS = ("hidden", "embedding_rms")
+
+
+def check_latent_feed(name: str) -> str:
+    if name not in LATENT_FEEDS:
+        raise ValueError(f"unknown latent_feed {name!r}; use one of {list(LATENT_FEEDS)}")
+    return name
+
+
+def latent_feeder(backbone: Backbone) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The map from final hidden states (..., D) to fed latent inputs under ``backbone.latent_feed``.
+
+    Build it once per forward or generation call: the embedding scale is read from the weights then (and detached),
+    so a training step sees one constant scale and gradients flow through the per-vector rescaling only."""
+    how = check_latent_feed(getattr(backbone, "latent_feed", "hidden"))
+    if how == "hidden":
+        return lambda h: h
+    weight = backbone.model.get_input_embeddings().weight.detach()
+    target = weight.float().pow(2).mean().sqrt()
+
+    def rescale(h: torch.Tensor) -> torch.Tensor:
+        rms = h.float().pow(2).mean(-1, keepdim=True).add(1e-12).sqrt()
+        return (h.float() * (target.to(h.device) / rms)).to(h.dtype)
+
+    return rescale
 
 
 _REGISTRY: dict[str, Callable[..., Backbone]] = {}

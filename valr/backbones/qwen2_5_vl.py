@@ -11,14 +11,15 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, Cache, DynamicCache, PreTrainedModel
 
-from valr.backbones.base import DecoderOutput, ImageInputs, register_backbone
+from valr.backbones.base import DecoderOutput, ImageInputs, check_latent_feed, register_backbone
 
 
 class QwenVLBackbone:
     image_placeholder = "<|image_pad|>"
 
-    def __init__(self, model: PreTrainedModel, image_processor=None):
+    def __init__(self, model: PreTrainedModel, image_processor=None, latent_feed: str = "hidden"):
         self.model = model
+        self.latent_feed = check_latent_feed(latent_feed)
         self.image_processor = image_processor
         self.lm = model.model.language_model
         text_cfg = model.config.get_text_config()
