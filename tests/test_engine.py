@@ -91,6 +91,10 @@ def test_fast_mode_equals_exact_mode_forward(tiny, records, feed):
     torch.testing.assert_close(fast.loss_ce, exact.loss_ce, atol=1e-5, rtol=1e-5)
     assert fast.n_label_tokens == exact.n_label_tokens
     assert not fast.latent_inputs.requires_grad  # detached by design
+    with torch.no_grad():  # exact mode without grad runs its rounds on the append-only cache
+        exact_no_grad = forward_latent(bb, batch, LAYER, "exact")
+    torch.testing.assert_close(exact_no_grad.hidden[valid], exact.hidden[valid], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(exact_no_grad.latent_states, exact.latent_states, atol=1e-5, rtol=1e-4)
 
 
 def test_no_slots_equals_plain_forward(tiny, records):
@@ -132,3 +136,28 @@ def test_embedding_rms_feed_puts_latents_at_the_embedding_scale(tiny, records):
     with pytest.raises(ValueError, match="unknown latent_feed 'norm'.*embedding_rms"):
         bb.latent_feed = "norm"
         forward_latent(bb, batch, LAYER, "fast")
+
+
+def test_append_only_cache_layer_equals_dynamic_layer():
+    """Chunks of any width appended (past the buffer's doubling, across a crop and a batch reorder) give the same
+    keys and values as transformers' concatenating layer; with gradients it refuses."""
+    from transformers.cache_utils import DynamicLayer
+
+    from valr.backbones.base import AppendOnlyLayer
+
+    torch.manual_seed(0)
+    ours, ref = AppendOnlyLayer(), DynamicLayer()
+    with torch.no_grad():
+        for i, width in enumerate([70, 1, 1, 30, 1, 100, 5, 1]):
+            k, v = torch.randn(3, 2, width, 8), torch.randn(3, 2, width, 8)
+            got, want = ours.update(k, v), ref.update(k, v)
+            for g, w in zip(got, want, strict=True):
+                assert torch.equal(g, w)
+            assert ours.get_seq_length() == ref.get_seq_length()
+            if i == 3:
+                ours.crop(-20), ref.crop(-20)
+            if i == 5:
+                order = torch.tensor([2, 0, 1])
+                ours.reorder_cache(order), ref.reorder_cache(order)
+    with pytest.raises(RuntimeError, match="no-grad"):
+        AppendOnlyLayer().update(torch.randn(1, 1, 2, 4, requires_grad=True), torch.randn(1, 1, 2, 4))

@@ -106,9 +106,12 @@ def _round_step(backbone: Backbone, layer: int, past_k: list[list[torch.Tensor]]
 
 
 def _run_rounds(backbone: Backbone, batch: Batch, embeds: torch.Tensor, positions: torch.Tensor, layer: int,
-                use_checkpoint: bool):
+                differentiable: bool):
     """Unroll the latent recurrence round by round. Returns per-sample lists of final hidden rows, the
-    alignment-layer states at slots, and the slot inputs (in slot order)."""
+    alignment-layer states at slots, and the slot inputs (in slot order).
+
+    ``differentiable``: each round is checkpointed and reads the earlier rounds' K/V from per-round chunks kept in
+    the graph. Otherwise (no grad) the rounds append to one ``append_only`` cache."""
     n_layers = backbone.num_layers
     batch_size, _, dim = embeds.shape
     device = embeds.device
@@ -117,6 +120,9 @@ def _run_rounds(backbone: Backbone, batch: Batch, embeds: torch.Tensor, position
     past_masks: list[torch.Tensor] = []
     prev_h: list[torch.Tensor | None] = [None] * batch_size  # each sample's next latent input
     feed = latent_feeder(backbone)
+    if not differentiable and torch.is_grad_enabled():
+        raise RuntimeError("the non-differentiable rounds run under torch.no_grad()")
+    cache = None if differentiable else backbone.new_cache(append_only=True)
     finals: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]
     slot_states: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]
     slot_inputs: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]
@@ -141,20 +147,21 @@ def _run_rounds(backbone: Backbone, batch: Batch, embeds: torch.Tensor, position
         chunk = torch.stack(rows, 0)
         chunk_pos = torch.stack(pos_rows, 1)
         full_mask = torch.cat([*past_masks, valid], 1)
-        snapshot_k = [list(x) for x in past_k]
-        snapshot_v = [list(x) for x in past_v]
+        if differentiable:
+            snapshot_k = [list(x) for x in past_k]
+            snapshot_v = [list(x) for x in past_v]
 
-        def step(c, p, m, _k=snapshot_k, _v=snapshot_v):
-            return _round_step(backbone, layer, _k, _v, c, p, m)
+            def step(c, p, m, _k=snapshot_k, _v=snapshot_v):
+                return _round_step(backbone, layer, _k, _v, c, p, m)
 
-        if use_checkpoint and torch.is_grad_enabled():
             outs = checkpoint(step, chunk, chunk_pos, full_mask, use_reentrant=False)
+            last, lay = outs[0], outs[1]
+            for i in range(n_layers):
+                past_k[i].append(outs[2 + i])
+                past_v[i].append(outs[2 + n_layers + i])
         else:
-            outs = step(chunk, chunk_pos, full_mask)
-        last, lay = outs[0], outs[1]
-        for i in range(n_layers):
-            past_k[i].append(outs[2 + i])
-            past_v[i].append(outs[2 + n_layers + i])
+            out = backbone.decode(chunk, chunk_pos, full_mask, cache, layer)
+            last, lay = out.last_hidden, out.layer_hidden
         past_masks.append(valid)
         for b, (a, e) in enumerate(spans):
             n = e - a
@@ -188,14 +195,15 @@ def forward_latent(backbone: Backbone, batch: Batch, layer: int, mode: Mode = "e
     labels = batch.labels.to(embeds.device)
     batch_size, length, dim = embeds.shape
     if mode == "exact":
-        finals, states, inputs = _run_rounds(backbone, batch, embeds, positions, layer, use_checkpoint=True)
+        finals, states, inputs = _run_rounds(backbone, batch, embeds, positions, layer,
+                                              differentiable=torch.is_grad_enabled())
         hidden = torch.stack([F.pad(torch.cat(f, 0), (0, 0, 0, length - sum(x.shape[0] for x in f)))
                               for f in finals], 0)
         latent_states, owner = _group_segments(batch, states, dim, embeds)
         latent_inputs, _ = _group_segments(batch, inputs, dim, embeds)
     else:
         with torch.no_grad():
-            _, _, inputs = _run_rounds(backbone, batch, embeds, positions, layer, use_checkpoint=False)
+            _, _, inputs = _run_rounds(backbone, batch, embeds, positions, layer, differentiable=False)
         b_idx = [b for b in range(batch_size) for _ in batch.slot_positions(b)]
         t_idx = [t for b in range(batch_size) for t in batch.slot_positions(b)]
         filled = embeds

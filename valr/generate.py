@@ -204,7 +204,7 @@ class Generator:
         batch = ids.shape[0]
         lat = self.latent
         positions = bb.position_ids(ids, mask, images)
-        out = bb.decode(bb.embed(ids, images), positions, mask, None)
+        out = bb.decode(bb.embed(ids, images), positions, mask, bb.new_cache(append_only=True))
         cache, hidden = out.cache, out.last_hidden[:, -1]
         next_pos = positions[0, :, -1] + 1  # the last prompt token is text: same position on all axes
         embed = bb.model.get_input_embeddings()

@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 from PIL import Image
 from transformers import Cache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 
 
 @dataclass
@@ -70,7 +71,43 @@ class Backbone(Protocol):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
-    def new_cache(self) -> Cache: ...
+    def new_cache(self, append_only: bool = False) -> Cache:
+        """An empty KV cache; ``append_only``: one whose full-attention layers are ``AppendOnlyLayer`` (no-grad
+        decoding that only ever appends: generation, the no-grad rounds of the fast training forward)."""
+        ...
+
+
+class AppendOnlyLayer(DynamicLayer):
+    """A ``DynamicLayer`` that appends into a buffer grown by doubling, instead of concatenating the whole cache
+    with every new chunk. Decoding n chunks then copies O(total length) instead of O(n x length) (the latent
+    loop runs one chunk per slot: 129 per sample at K = 16 and 8 steps). Returns views of the buffer, so it is for
+    no-grad use only (an in-place write would invalidate tensors autograd saved)."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+            raise RuntimeError("AppendOnlyLayer is for no-grad decoding; use a DynamicCache when gradients flow")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, m = self.get_seq_length(), key_states.shape[-2]
+        buf_k, buf_v = getattr(self, "_buf_k", None), getattr(self, "_buf_v", None)
+        stale = buf_k is None or n > 0 and self.keys.data_ptr() != buf_k.data_ptr()  # replaced (crop, reorder)
+        if stale or n + m > buf_k.shape[-2] or buf_k.shape[0] != key_states.shape[0]:
+            size = max(2 * n, n + m, 64)
+            buf_k = key_states.new_empty(*key_states.shape[:-2], size, key_states.shape[-1])
+            buf_v = value_states.new_empty(*value_states.shape[:-2], size, value_states.shape[-1])
+            if n:
+                buf_k[:, :, :n] = self.keys
+                buf_v[:, :, :n] = self.values
+            self._buf_k, self._buf_v = buf_k, buf_v
+        buf_k[:, :, n:n + m] = key_states
+        buf_v[:, :, n:n + m] = value_states
+        self.keys, self.values = buf_k[:, :, :n + m], buf_v[:, :, :n + m]
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        super().reset()
+        self._buf_k = self._buf_v = None
 
 
 # "hidden": the final post-norm hidden state as it is (the paper, Coconut). "embedding_rms": the same vector

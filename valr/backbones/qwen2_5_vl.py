@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 from PIL import Image
 from transformers import AutoImageProcessor, Cache, DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 
-from valr.backbones.base import DecoderOutput, ImageInputs, check_latent_feed, register_backbone
+from valr.backbones.base import AppendOnlyLayer, DecoderOutput, ImageInputs, check_latent_feed, register_backbone
 
 
 class QwenVLBackbone:
@@ -75,8 +76,11 @@ class QwenVLBackbone:
         return pos
 
     # -- decoder ------------------------------------------------------------------------------------------
-    def new_cache(self) -> Cache:
-        return DynamicCache(config=self.model.config)
+    def new_cache(self, append_only: bool = False) -> Cache:
+        cache = DynamicCache(config=self.model.config)
+        if append_only:
+            cache.layers = [AppendOnlyLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+        return cache
 
     def decode(self, embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
                cache: Cache | None, layer: int | None = None) -> DecoderOutput:
