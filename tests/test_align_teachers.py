@@ -242,7 +242,7 @@ def test_position_mean_loss_is_the_plateau_of_slots_that_know_only_their_positio
 
 
 def test_cache_sample_reads_pending_and_written_features_and_feeds_the_mean_baseline(tmp_path):
-    from valr.demo import cache_mean_feature_loss
+    from valr.demo import cache_alignment_baselines
     from valr.teachers import sample_cached_features
 
     class Fixed:  # just what a cache needs of a teacher
@@ -259,7 +259,7 @@ def test_cache_sample_reads_pending_and_written_features_and_feeds_the_mean_base
     assert cache.sample(limit=2).shape == (8, 3)
     on_disk = sample_cached_features(cache.dir)
     assert on_disk.shape == (16, 3)  # the pending image is not on disk yet
-    got = cache_mean_feature_loss(tmp_path / "cache", center=True)
+    got = cache_alignment_baselines(tmp_path / "cache", center=True)
     assert got["t"]["mean_feature"] == pytest.approx(mean_feature_loss(on_disk))
     assert got["t"]["position_mean"] == pytest.approx(position_mean_loss(torch.stack(feats[:4]), center=True))
     assert sample_cached_features(tmp_path / "nothing").numel() == 0

@@ -780,7 +780,7 @@ def finding_accuracy(loaded: Any, find_file: Path, n: int = 128) -> dict[str, fl
             **{f"find_{name}": a / c for name, (a, c) in sorted(cells.items())}}
 
 
-def cache_mean_feature_loss(cache_root: Path, limit: int = 2000, center: bool = False) -> dict[str, dict[str, float]]:
+def cache_alignment_baselines(cache_root: Path, limit: int = 2000, center: bool = False) -> dict[str, dict[str, float]]:
     """Per teacher under a feature-cache directory, over up to ``limit`` cached images, the alignment losses of two
     projectors that know nothing about the image: ``mean_feature``, always the mean teacher feature
     (:func:`valr.align.mean_feature_loss`, raw features: the plateau of raw targets), and ``position_mean``, per
@@ -1554,7 +1554,7 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
         if name in evals:
             variants[name] = public(evals[name])
             variants[name]["training"] = {k: v for k, v in training[name].items() if k != "curve"}
-            baseline = cache_mean_feature_loss(out / name / "features", center=c.center_targets)
+            baseline = cache_alignment_baselines(out / name / "features", center=c.center_targets)
             if baseline:  # what the align loss would be if the latents carried nothing about the image
                 for key in ("mean_feature", "position_mean"):
                     variants[name]["training"][f"align_of_{key}"] = {t: b[key] for t, b in baseline.items()}

@@ -39,7 +39,7 @@ if not (out / "train.json").exists():
                       teachers=teachers, val_data=cdir / "val_small.jsonl")
     res.update(seconds=time.time() - t0, config=cfg.to_dict())
     if teachers:
-        res["mean_feature_loss"] = demo.cache_mean_feature_loss(out / "features", center=cfg.center_targets)
+        res["mean_feature_loss"] = demo.cache_alignment_baselines(out / "features", center=cfg.center_targets)
     (out / "train.json").write_text(json.dumps(res, indent=1))
 res = json.loads((out / "train.json").read_text())
 loaded = load_checkpoint(res["checkpoint"])
