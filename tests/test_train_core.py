@@ -63,6 +63,8 @@ def test_config_yaml_unknown_keys_with_lines_and_coercion(tmp_path):
         load_train_config(p, ["nan_policy=maybe"])
     with pytest.raises(ConfigError, match="perfect square"):
         load_train_config(p, ["stage=2", "valr.k=8"])
+    with pytest.raises(ConfigError, match="valr.latent_feed='unit' is not one of"):
+        load_train_config(p, ["valr.latent_feed=unit"])
 
 
 def test_stage2_loss_decreases_on_tiny_overfit_set(smoke, tmp_path):
@@ -87,6 +89,22 @@ def test_stage2_loss_decreases_on_tiny_overfit_set(smoke, tmp_path):
     with pytest.raises(TrainError, match="--resume"):
         train(cfg)
     assert train(cfg, resume=True) == final
+
+
+def test_rescaled_latent_feed_is_trained_and_saved(smoke, tmp_path):
+    """valr.latent_feed reaches the engine (the logged fed-latent norm is the embedding table's RMS x sqrt(D) at
+    step 1, whatever the source checkpoint says) and the final checkpoint, which then generates the same way."""
+    from valr.checkpoint import load_checkpoint
+
+    cfg = _cfg(smoke, tmp_path / "r", max_steps=1)
+    cfg.valr.latent_feed = "embedding_rms"
+    final = train(cfg)
+    source = load_checkpoint(smoke["model"])
+    assert source.backbone.latent_feed == "hidden"
+    table = source.model.get_input_embeddings().weight.detach()
+    expected = float(table.pow(2).mean().sqrt() * table.shape[1] ** 0.5)
+    assert _history(tmp_path / "r")[0]["latent_norm"] == pytest.approx(expected, rel=1e-4)
+    assert load_checkpoint(final).backbone.latent_feed == "embedding_rms"
 
 
 def test_data_fraction_takes_the_first_records(smoke, tmp_path):
