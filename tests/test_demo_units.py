@@ -282,9 +282,11 @@ def test_demo_overrides_change_the_recipe_and_reject_bad_keys():
     assert base.with_overrides([r"latent_after=#\d+ view \d+"]).latent_after == r"#\d+ view \d+"
     assert base.with_overrides([r"latent_after=#\d+", "latent_after=null"]).latent_after is None
     assert base.with_overrides(["step_targets=focus"]).step_targets == "focus"
+    assert base.with_overrides(["latent_feed=embedding_rms"]).latent_feed == "embedding_rms"
     for bad, words in [("stage0_stepz=3", "unknown key"), ("stage0_steps=abc", "expected int"),
                        ("valr_m=1", "expected bool"), ("teacher.stepz=1", "unknown key"), ("seed=3", "--seed"),
-                       ("stage0_steps", "key=value"), ("step_targets=crop", "one of")]:
+                       ("stage0_steps", "key=value"), ("step_targets=crop", "one of"),
+                       ("latent_feed=unit", "one of")]:
         with pytest.raises(ConfigError, match=words):
             base.with_overrides([bad])
 
