@@ -111,7 +111,8 @@ def _run_rounds(backbone: Backbone, batch: Batch, embeds: torch.Tensor, position
     alignment-layer states at slots, and the slot inputs (in slot order).
 
     ``differentiable``: each round is checkpointed and reads the earlier rounds' K/V from per-round chunks kept in
-    the graph. Otherwise (no grad) the rounds append to one ``append_only`` cache."""
+    the graph. Otherwise (no grad) the rounds append to one ``append_only`` cache, and samples with no slot left
+    leave the chunk and the cache (a batch's step counts differ, so late rounds would be mostly padding)."""
     n_layers = backbone.num_layers
     batch_size, _, dim = embeds.shape
     device = embeds.device
@@ -126,12 +127,21 @@ def _run_rounds(backbone: Backbone, batch: Batch, embeds: torch.Tensor, position
     finals: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]
     slot_states: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]
     slot_inputs: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]
+    members = list(range(batch_size))  # the sample in each row of the chunk (and of the cache)
     for r, spans in enumerate(_round_plan(batch)):
         width = max(e - a for a, e in spans)
         if width == 0:
             break
-        rows, pos_rows, valid = [], [], torch.zeros(batch_size, width, dtype=torch.long, device=device)
-        for b, (a, e) in enumerate(spans):
+        if not differentiable:  # drop samples that are done from the chunk and the cache (they only shrink)
+            keep = [i for i, b in enumerate(members) if spans[b][1] > spans[b][0]]
+            if len(keep) < len(members):
+                idx = torch.tensor(keep, device=device)
+                cache.reorder_cache(idx)
+                past_masks = [m[idx] for m in past_masks]
+                members = [members[i] for i in keep]
+        rows, pos_rows, valid = [], [], torch.zeros(len(members), width, dtype=torch.long, device=device)
+        for i, b in enumerate(members):
+            a, e = spans[b]
             n = e - a
             parts = []
             if n and r > 0:  # the chunk starts at a latent slot: its input is the fed-back state
@@ -143,7 +153,7 @@ def _run_rounds(backbone: Backbone, batch: Batch, embeds: torch.Tensor, position
             pos = positions.new_zeros(positions.shape[0], width)
             pos[:, :n] = positions[:, b, a:e]
             pos_rows.append(pos)
-            valid[b, :n] = 1
+            valid[i, :n] = 1
         chunk = torch.stack(rows, 0)
         chunk_pos = torch.stack(pos_rows, 1)
         full_mask = torch.cat([*past_masks, valid], 1)
@@ -156,22 +166,23 @@ def _run_rounds(backbone: Backbone, batch: Batch, embeds: torch.Tensor, position
 
             outs = checkpoint(step, chunk, chunk_pos, full_mask, use_reentrant=False)
             last, lay = outs[0], outs[1]
-            for i in range(n_layers):
-                past_k[i].append(outs[2 + i])
-                past_v[i].append(outs[2 + n_layers + i])
+            for j in range(n_layers):
+                past_k[j].append(outs[2 + j])
+                past_v[j].append(outs[2 + n_layers + j])
         else:
             out = backbone.decode(chunk, chunk_pos, full_mask, cache, layer)
             last, lay = out.last_hidden, out.layer_hidden
         past_masks.append(valid)
-        for b, (a, e) in enumerate(spans):
+        for i, b in enumerate(members):
+            a, e = spans[b]
             n = e - a
             if not n:
                 continue
-            finals[b].append(last[b, :n])
+            finals[b].append(last[i, :n])
             if r > 0:
-                slot_states[b].append(lay[b, 0])
+                slot_states[b].append(lay[i, 0])
                 slot_inputs[b].append(prev_h[b])
-            prev_h[b] = feed(last[b, n - 1])
+            prev_h[b] = feed(last[i, n - 1])
     return finals, slot_states, slot_inputs
 
 
