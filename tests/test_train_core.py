@@ -105,6 +105,14 @@ def test_rescaled_latent_feed_is_trained_and_saved(smoke, tmp_path):
     expected = float(table.pow(2).mean().sqrt() * table.shape[1] ** 0.5)
     assert _history(tmp_path / "r")[0]["latent_norm"] == pytest.approx(expected, rel=1e-4)
     assert load_checkpoint(final).backbone.latent_feed == "embedding_rms"
+    # a library user's objective decides too, and says so when it changes what the checkpoint fed
+    from valr.config import ValrConfig
+    from valr.train import Objective
+
+    loaded = load_checkpoint(final)
+    with pytest.warns(UserWarning, match="fed 'embedding_rms'.*config says 'hidden'"):
+        Objective(loaded.backbone, ValrConfig(k=1, lambda_align=0.0))
+    assert loaded.backbone.latent_feed == "hidden"
 
 
 def test_data_fraction_takes_the_first_records(smoke, tmp_path):

@@ -6,6 +6,7 @@ projectors, and returns the loss with its parts for logging.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +41,11 @@ class Objective:
     def __init__(self, backbone: Backbone, config: ValrConfig, teachers: list[Teacher] | None = None,
                  aligner: Aligner | None = None):
         grid_side(config.k)
-        backbone.latent_feed = config.latent_feed  # the config decides how latents are fed
+        if getattr(backbone, "latent_feed", "hidden") != config.latent_feed:  # the config decides how latents are fed
+            warnings.warn(f"latent_feed: the backbone fed {backbone.latent_feed!r} (e.g. from its checkpoint); "
+                          f"this objective's config says {config.latent_feed!r}, which is used from now on",
+                          stacklevel=2)
+        backbone.latent_feed = config.latent_feed
         self.backbone = backbone
         self.config = config
         if teachers is None:
