@@ -63,6 +63,11 @@ def mean_feature_loss(features: torch.Tensor) -> float:
     return float(1.0 - F.cosine_similarity(flat, flat.mean(0, keepdim=True), dim=-1, eps=1e-8).mean())
 
 
+def centered(feats: torch.Tensor) -> torch.Tensor:
+    """Patch features ``(..., P, D)`` minus each image's mean patch: the targets ``valr.center_targets`` trains on."""
+    return feats - feats.mean(dim=-2, keepdim=True)
+
+
 def position_mean_loss(features: torch.Tensor, center: bool = False) -> float:
     """The alignment loss (1 - cos) of a projector that knows which patch position each latent stands for but
     nothing about the image: it predicts, per position, the mean over images of the (per-image centred when
@@ -70,9 +75,7 @@ def position_mean_loss(features: torch.Tensor, center: bool = False) -> float:
     :func:`mean_feature_loss`, is the plateau of latents that learned their cell and not the image."""
     if features.ndim != 3 or features.shape[0] == 0:
         raise ValueError("position_mean_loss needs features of shape (images, patches, dim)")
-    f = features.float()
-    if center:
-        f = f - f.mean(dim=1, keepdim=True)
+    f = centered(features.float()) if center else features.float()
     return float(1.0 - F.cosine_similarity(f, f.mean(0, keepdim=True).expand_as(f), dim=-1, eps=1e-8).mean())
 
 
@@ -89,7 +92,7 @@ class Aligner(nn.Module):
 
     def targets(self, feats: torch.Tensor) -> torch.Tensor:
         """Teacher patch features ``(S, P, D)`` as the loss sees them: raw, or minus each image's mean patch."""
-        return feats - feats.mean(dim=-2, keepdim=True) if self.center else feats
+        return centered(feats) if self.center else feats
 
     def loss(self, states: torch.Tensor, targets: dict[str, list[tuple[int, torch.Tensor, tuple[int, int]]]],
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
