@@ -83,6 +83,11 @@ class AppendOnlyLayer(DynamicLayer):
     loop runs one chunk per slot: 129 per sample at K = 16 and 8 steps). Returns views of the buffer, so it is for
     no-grad use only (an in-place write would invalidate tensors autograd saved)."""
 
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._buf_k: torch.Tensor | None = None
+        self._buf_v: torch.Tensor | None = None
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
         if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
@@ -90,7 +95,7 @@ class AppendOnlyLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n, m = self.get_seq_length(), key_states.shape[-2]
-        buf_k, buf_v = getattr(self, "_buf_k", None), getattr(self, "_buf_v", None)
+        buf_k, buf_v = self._buf_k, self._buf_v
         stale = buf_k is None or n > 0 and self.keys.data_ptr() != buf_k.data_ptr()  # replaced (crop, reorder)
         if stale or n + m > buf_k.shape[-2] or buf_k.shape[0] != key_states.shape[0]:
             size = max(2 * n, n + m, 64)
