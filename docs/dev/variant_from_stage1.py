@@ -7,10 +7,11 @@ RUN is a `valr demo` output directory with a finished stage 1 (e.g. runs/study6/
 Keys are DemoConfig fields (k, align_layer, lambda_align, center_targets, latent_after, stage2_steps, ...) plus
 ``start=CHECKPOINT`` (train from it instead of stage 1), ``data=FILE`` (train records instead of
 RUN/chains/train.jsonl) and ``eval=FILE`` (validation records instead of RUN/chains/val.jsonl, e.g. rewritten
-the same way as ``data``; next to it, so its image paths resolve). ``k=0`` trains plain CoT (the SFT variant)
-and evaluates with latents off. Writes OUT/train.json and OUT/result.json: the training summary, `step_tokens`,
-`segment_views` and the evaluation. `valr demo` itself reruns only the variants when latent settings change,
-but it cannot start from another run's stage 1 or train on rewritten records; this script can.
+the same way as ``data``; next to it, so its image paths resolve), ``model=CHECKPOINT`` (score a model trained
+elsewhere, e.g. one of the demo's variants, with the same settings; no training). ``k=0`` trains plain CoT (the
+SFT variant) and evaluates with latents off. Writes OUT/train.json and OUT/result.json: the training summary,
+`step_tokens`, `segment_views` and the evaluation. `valr demo` itself reruns only the variants when latent
+settings change, but it cannot start from another run's stage 1 or train on rewritten records; this script can.
 """
 
 import json
@@ -23,13 +24,15 @@ from valr.checkpoint import load_checkpoint
 from valr.synth.teacher import teacher_spec
 
 run, out = Path(sys.argv[1]), Path(sys.argv[2])
-extra = dict(a.split("=", 1) for a in sys.argv[3:] if a.split("=", 1)[0] in ("start", "data", "eval"))
-seed = json.loads((run / "results.json").read_text())["seed"]
+extra = dict(a.split("=", 1) for a in sys.argv[3:] if a.split("=", 1)[0] in ("start", "data", "eval", "model"))
+seed = json.loads((run / "world" / "key.json").read_text())["key"]["seed"]  # readable before the demo finishes
 cfg = demo.DemoConfig(seed=seed, eval_split="val").with_overrides(
     [a for a in sys.argv[3:] if a.split("=", 1)[0] not in extra])
 cdir = run / "chains"
 start = extra.get("start") or json.loads((run / "stage1" / "done.json").read_text())["result"]["checkpoint"]
 out.mkdir(parents=True, exist_ok=True)
+if "model" in extra and not (out / "train.json").exists():
+    (out / "train.json").write_text(json.dumps({"checkpoint": extra["model"], "config": cfg.to_dict()}, indent=1))
 if not (out / "train.json").exists():
     t0 = time.time()
     lam = cfg.lambda_align if cfg.k else 0.0

@@ -178,7 +178,7 @@ def train_perception_teacher(world_dir: str | Path, out_dir: str | Path, cfg: Te
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
     encoder.eval()
     acc = cell_accuracy(encoder, heads, x_val, y_val)
