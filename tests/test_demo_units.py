@@ -149,6 +149,18 @@ def test_check_targets_reports_numbers_and_verdicts():
     assert check_targets(v)["no_align_within_2pts_of_sft"]["met"] is False
 
 
+def _seed_run(seed, a):
+    vs = {n: {**_variant(a + d, {"1": a + d, "2": a}), "accuracy_long": a}
+          for n, d in (("sft", 0.0), ("latent_no_align", 0.01), ("valr_s", 0.1))}
+    vs["valr_s"]["accuracy_by_k"] = {"1": a, "4": a + 0.1}
+    vs["valr_s"]["data_fraction"] = {"1.0": {"accuracy": a + 0.1, "accuracy_by_n": {"1": a}},
+                                     "0.25": {"accuracy": a, "accuracy_by_n": {"1": a}}}
+    return {"seed": seed, "config": {"seed": seed, "n_max": 2, "k": 16}, "variants": vs, "targets": {},
+            "stage_seconds": {"x": 1.0}, "total_seconds": 10.0,
+            "reading": {"stage0": {"all_views": a, "one_view": 2 * a}, "sft": {"step_tokens": {"chase/first_view": a}}},
+            "length_pairs": {n: {"tokens": [10 + seed, 40, 90], "scores": [1.0, a, 0.0]} for n in vs}}
+
+
 def test_summarize_means_over_seeds():
     def run(seed, a):
         vs = {n: {**_variant(a + d, {"1": a + d, "2": a}), "accuracy_long": a}
@@ -322,3 +334,84 @@ def test_token_role_names_what_each_chain_token_carries():
     assert [token_role(p, w, objects, seen=":" in found[:i + 1]) for i, (p, w) in
             enumerate(zip(found, found[1:], strict=False))] == [
         None, "view", "key", "key", None, None, "cell", None, "cell", None, "object", "object", "object"]
+
+
+def test_dump_json_keeps_flat_lists_on_one_line_and_round_trips():
+    from valr.demo import dump_json
+
+    obj = {"pairs": {"tokens": [1, 2, 3], "scores": [0.5, None, 1.0]}, "nested": [[1, 2], {"a": []}], "empty": {},
+           "text": 'say "x"', "ks": (1, 4)}
+    text = dump_json(obj)
+    assert '"tokens": [1, 2, 3]' in text and '"ks": [1, 4]' in text
+    assert json.loads(text) == json.loads(json.dumps(obj))
+
+
+def _write_run(path, run):
+    path.mkdir(parents=True)
+    (path / "results.json").write_text(json.dumps(run))
+    return path
+
+
+def test_merge_runs_gathers_seeds_run_apart_and_refuses_mixed_recipes(tmp_path):
+    from valr.config import ConfigError
+    from valr.demo import merge_runs, summarize
+
+    a = _write_run(tmp_path / "a", _seed_run(0, 0.4))
+    b = _write_run(tmp_path / "b", _seed_run(1, 0.6))
+    runs = merge_runs([a, b / "results.json"])  # a directory or its results.json
+    assert sorted(runs) == ["0", "1"]
+    summary = summarize(runs, "merged")
+    assert summary["means"]["sft"]["accuracy"] == pytest.approx(0.5)
+    assert summary["length_pairs_seeds"] == [0, 1]
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    c = _write_run(tmp_path / "c", _seed_run(2, 0.5))
+    assert sorted(merge_runs([tmp_path / "summary.json", c])) == ["0", "1", "2"]  # an earlier summary's seeds
+    with pytest.raises(ConfigError, match="seed 0 is in both .*a.results.json and .*summary.json"):
+        merge_runs([a, b, tmp_path / "summary.json"])
+    other = _seed_run(3, 0.5)
+    other["config"]["k"] = 4
+    d = _write_run(tmp_path / "d", other)
+    with pytest.raises(ConfigError, match="another recipe.*k: 16 vs 4"):
+        merge_runs([a, d])
+    quick = {**_seed_run(4, 0.5), "quick": True}
+    with pytest.raises(ConfigError, match="quick"):
+        merge_runs([_write_run(tmp_path / "e", quick)])
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="bad.json: not valid JSON"):
+        merge_runs([tmp_path / "bad.json"])
+    with pytest.raises(ConfigError, match="no such results file"):
+        merge_runs([tmp_path / "missing"])
+
+
+def test_demo_merge_command_writes_the_summary_and_seed_mean_figures(tmp_path, capsys):
+    from valr.cli import main
+
+    a = _write_run(tmp_path / "a", _seed_run(0, 0.4))
+    b = _write_run(tmp_path / "b", _seed_run(1, 0.6))
+    out = tmp_path / "study"
+    assert main(["demo", "--merge", str(a), str(b), "--out", str(out), "--summary", str(tmp_path / "s.json")]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary == json.loads((tmp_path / "s.json").read_text())
+    assert summary["seeds"] == [0, 1] and summary["runs"]["1"]["length_pairs"]["sft"]["tokens"] == [11, 40, 90]
+    assert any(f.endswith("accuracy_by_length.png") for f in summary["figures"])
+    assert all((out / "figures" / f.split("/")[-1]).is_file() for f in summary["figures"])
+    assert main(["demo", "--merge", str(a), "--out", str(out), "k=4"]) == 2
+    assert "drop key=value overrides" in capsys.readouterr().err
+
+
+def test_run_seeds_summarises_each_seeds_results_with_their_length_pairs(tmp_path, monkeypatch):
+    import valr.demo as demo
+
+    def fake_run_demo(out, seed, **_):
+        run = _seed_run(seed, 0.4 + 0.2 * seed)
+        del run["length_pairs"]  # results written before they carried them: read from the evaluations instead
+        metrics = out / "eval" / "sft" / "metrics.json"
+        metrics.parent.mkdir(parents=True)
+        metrics.write_text(json.dumps({"_pairs_tokens": [[12, 1.0], [30, 0.0]]}))
+        return run
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    summary = demo.run_seeds(tmp_path, [0, 1], summary_path=tmp_path / "copy.json", command="valr demo --seeds 0,1")
+    assert summary["seeds"] == [0, 1] and summary["means"]["sft"]["accuracy"] == pytest.approx(0.5)
+    assert summary["runs"]["0"]["length_pairs"] == {"sft": {"tokens": [12, 30], "scores": [1.0, 0.0]}}
+    assert json.loads((tmp_path / "summary.json").read_text()) == json.loads((tmp_path / "copy.json").read_text())

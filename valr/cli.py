@@ -69,6 +69,8 @@ def _demo(args: argparse.Namespace) -> int:
     from valr.config import ConfigError
     from valr.demo import DemoConfig, run_demo, run_seeds
 
+    if args.merge:
+        return _demo_merge(args)
     try:
         DemoConfig.for_mode(args.quick, args.seed).with_overrides(args.overrides)
     except (ConfigError, TypeError, ValueError) as e:
@@ -94,6 +96,28 @@ def _demo(args: argparse.Namespace) -> int:
     print(json.dumps({n: round(v["accuracy"], 4) for n, v in results["variants"].items()}))
     print(f"wrote {Path(args.out) / 'results.json'}, {Path(args.out) / 'report.md'} and the figures under "
           f"{Path(args.out) / 'figures'}", file=sys.stderr)
+    return 0
+
+
+def _demo_merge(args: argparse.Namespace) -> int:
+    """``valr demo --merge``: summarise seeds that ran apart, without training anything."""
+    from valr.config import ConfigError
+    from valr.demo import merge_runs, write_summary
+
+    if args.overrides or args.seeds or args.quick:
+        print("error: --merge only reads finished results: drop key=value overrides, --seeds and --quick",
+              file=sys.stderr)
+        return 2
+    try:
+        runs = merge_runs(args.merge)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    command = "valr demo " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["demo"] else None
+    summary = write_summary(runs, command, out / "summary.json", args.summary,
+                            figures=Path(args.figures) if args.figures else out / "figures")
+    print(json.dumps({n: round(m["accuracy"], 4) for n, m in summary["means"].items() if "accuracy" in m}))
     return 0
 
 
@@ -219,8 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="seed of the world, the models and the data order")
     d.add_argument("--seeds", help="run several seeds (comma list, e.g. 0,1,2) into OUT/seed-S and write "
                                    "OUT/summary.json (per-seed results under 'runs', plus means)")
-    d.add_argument("--summary", help="with --seeds: also write the summary JSON to this path")
-    d.add_argument("--figures", help="with --seeds: directory for the seed-mean figures (default OUT/figures)")
+    d.add_argument("--merge", nargs="+", metavar="PATH",
+                   help="train nothing: summarise seeds that ran apart (other machines or days) into OUT/summary.json "
+                        "and the seed-mean figures. Each PATH is a demo output directory, its results.json or an "
+                        "earlier summary; all must be one recipe (configs equal but for the seed)")
+    d.add_argument("--summary", help="with --seeds or --merge: also write the summary JSON to this path")
+    d.add_argument("--figures", help="with --seeds or --merge: directory for the seed-mean figures "
+                                     "(default OUT/figures)")
     d.add_argument("--scale", type=float, default=1.0,
                    help="multiply every training stage's steps (more compute, same recipe; default 1 = ~72 min)")
     d.add_argument("overrides", nargs="*", metavar="key=value",

@@ -1586,6 +1586,8 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
         "reading": reading,
         "stage0_reading_checks": stage0_checks,
         "accuracy_by_length": lrep,
+        # per item (generated tokens, score) of each variant: what a multi-seed summary pools its length buckets from
+        "length_pairs": {n: pack_pairs(p) for n, p in series.items()},
         "stage_seconds": {k: round(s, 1) for k, s in st.seconds.items()},
         "reused_stages": st.reused,
         "total_seconds": round(sum(st.seconds.values()), 1),
@@ -1605,7 +1607,7 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
     else:
         results["targets"] = check_targets(variants, n_hi=c.n_max)
     figs = plot_all(results, out / "figures", lrep)
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (out / "results.json").write_text(dump_json(results))
     write_report(results, out / "report.md", figs)
     _log(f"wrote {out / 'results.json'}, {out / 'report.md'} and {len(figs)} figures under {out / 'figures'}")
     return results
@@ -1618,6 +1620,31 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     m = sum(values) / len(values)
     sd = (sum((x - m) ** 2 for x in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
     return m, sd
+
+
+def dump_json(obj: Any, indent: int = 2) -> str:
+    """JSON indented like ``json.dumps(indent=2)`` except that a list holding no list or object stays on one line,
+    so a results file's per-item lists (``length_pairs``) and short vectors (``test_ks``) stay small in git."""
+    def enc(o: Any, level: int) -> str:
+        pad, end = " " * (indent * (level + 1)), " " * (indent * level)
+        if isinstance(o, dict) and o:
+            items = [f"{pad}{json.dumps(k if isinstance(k, str) else json.dumps(k))}: {enc(v, level + 1)}"
+                     for k, v in o.items()]
+            return "{\n" + ",\n".join(items) + "\n" + end + "}"
+        if isinstance(o, (list, tuple)) and any(isinstance(x, (dict, list, tuple)) for x in o):
+            return "[\n" + ",\n".join(pad + enc(x, level + 1) for x in o) + "\n" + end + "]"
+        return json.dumps(o, default=str)
+
+    return enc(obj, 0) + "\n"
+
+
+def pack_pairs(pairs: list) -> dict[str, list[float]]:
+    """(generated tokens, score) pairs as two parallel lists (one line each in :func:`dump_json`)."""
+    return {"tokens": [x for x, _ in pairs], "scores": [y for _, y in pairs]}
+
+
+def unpack_pairs(packed: dict[str, list[float]]) -> list[tuple[float, float]]:
+    return list(zip(packed["tokens"], packed["scores"], strict=True))
 
 
 def summarize(runs: dict[str, dict[str, Any]], command: str | None = None) -> dict[str, Any]:
@@ -1683,6 +1710,7 @@ def summarize(runs: dict[str, dict[str, Any]], command: str | None = None) -> di
         "stage_seconds_mean": {k: _mean_std([runs[s]["stage_seconds"].get(k, 0.0) for s in seeds])[0]
                                for k in runs[seeds[0]]["stage_seconds"]},
         "total_seconds": {s: runs[s]["total_seconds"] for s in seeds},
+        "length_pairs_seeds": [int(s) for s in seeds if runs[s].get("length_pairs")],
     }
 
 
@@ -1697,8 +1725,8 @@ def plot_summary(summary: dict[str, Any], fig_dir: Path) -> list[str]:
 
     pooled: dict[str, list] = defaultdict(list)
     for s in summary["seeds"]:
-        for n, pairs in summary["runs"][str(s)].get("_length_pairs", {}).items():
-            pooled[n] += pairs
+        for n, packed in summary["runs"][str(s)].get("length_pairs", {}).items():
+            pooled[n] += unpack_pairs(packed)
     if pooled:
         lrep = length_report(pooled, n_buckets=8)
     return plot_all(results, fig_dir, lrep, errors=summary["std"])
@@ -1712,27 +1740,87 @@ def run_seeds(out: str | Path, seeds: list[int], quick: bool = False, summary_pa
     runs = {}
     for s in seeds:
         _log(f"=== seed {s} ===")
-        res = run_demo(out / f"seed-{s}", seed=s, quick=quick, scale=scale, overrides=overrides)
-        res["_length_pairs"] = _length_pairs(out / f"seed-{s}")
-        runs[str(s)] = res
+        runs[str(s)] = load_run(run_demo(out / f"seed-{s}", seed=s, quick=quick, scale=scale, overrides=overrides),
+                                out / f"seed-{s}")
+    return write_summary(runs, command, out / "summary.json", summary_path,
+                         figures=Path(figures) if figures else out / "figures")
+
+
+def write_summary(runs: dict[str, dict[str, Any]], command: str | None, *paths: str | Path | None,
+                  figures: Path | None = None) -> dict[str, Any]:
+    """Summarise ``runs``, draw the seed-mean figures into ``figures`` and write the summary to each path given."""
     summary = summarize(runs, command)
-    fig_dir = Path(figures) if figures else out / "figures"
-    summary["figures"] = plot_summary(summary, fig_dir)
-    for r in summary["runs"].values():
-        r.pop("_length_pairs", None)
-    text = json.dumps(summary, indent=2, default=str) + "\n"
-    (out / "summary.json").write_text(text)
-    if summary_path:
-        Path(summary_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(summary_path).write_text(text)
-    _log(f"summary of seeds {seeds}: {out / 'summary.json'}" + (f" and {summary_path}" if summary_path else ""))
+    if figures is not None:
+        summary["figures"] = plot_summary(summary, figures)
+    text = dump_json(summary)
+    written = []
+    for p in paths:
+        if p:
+            Path(p).parent.mkdir(parents=True, exist_ok=True)
+            Path(p).write_text(text)
+            written.append(str(p))
+    _log(f"summary of seeds {summary['seeds']}: {' and '.join(written)}")
     return summary
 
 
-def _length_pairs(run_dir: Path) -> dict[str, list]:
-    pairs = {}
-    for n in VARIANTS:
-        f = run_dir / "eval" / n / "metrics.json"
-        if f.is_file():
-            pairs[n] = json.loads(f.read_text())["_pairs_tokens"]
-    return pairs
+def load_run(results: dict[str, Any], run_dir: Path | None = None) -> dict[str, Any]:
+    """One seed's results for a summary, with its ``length_pairs`` (read from ``run_dir``'s evaluations when the
+    results predate them)."""
+    if not results.get("length_pairs") and run_dir is not None:
+        pairs = {}
+        for n in VARIANTS:
+            f = run_dir / "eval" / n / "metrics.json"
+            if f.is_file():
+                pairs[n] = pack_pairs(json.loads(f.read_text())["_pairs_tokens"])
+        results = {**results, "length_pairs": pairs}
+    return results
+
+
+# keys of the config that may differ between the seeds of one study (everything else is the recipe)
+SEED_KEYS = ("seed",)
+
+
+def merge_runs(paths: list[str | Path]) -> dict[str, dict[str, Any]]:
+    """Seeds run apart (other machines, other days) gathered for one summary. Each path is a demo output directory,
+    its ``results.json`` or a summary (``--summary`` / ``OUT/summary.json``: all its seeds). Every seed must come
+    from the same recipe: a config that differs in anything but the seed is an error naming the keys, as is a seed
+    given twice."""
+    from valr.config import ConfigError
+
+    runs: dict[str, dict[str, Any]] = {}
+    origin: dict[str, str] = {}
+    for raw in paths:
+        p = Path(raw)
+        f = p / "results.json" if p.is_dir() else p
+        if not f.is_file():
+            raise ConfigError(f"--merge {raw}: no such results file or demo output directory (a directory needs a "
+                              "results.json: run `valr demo --out DIR` to the end first)")
+        try:
+            data = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--merge {f}: not valid JSON ({e})") from e
+        if isinstance(data, dict) and isinstance(data.get("runs"), dict):
+            found = {str(s): r for s, r in data["runs"].items()}
+        elif isinstance(data, dict) and "seed" in data and "variants" in data and "config" in data:
+            found = {str(data["seed"]): load_run(data, p if p.is_dir() else f.parent)}
+        else:
+            raise ConfigError(f"--merge {f}: neither a demo results.json (keys seed, config, variants) nor a summary "
+                              "(key runs)")
+        for seed, r in found.items():
+            if r.get("quick"):
+                raise ConfigError(f"--merge {f}: seed {seed} is a --quick smoke run; a study merges full runs only")
+            if seed in runs:
+                raise ConfigError(f"--merge: seed {seed} is in both {origin[seed]} and {f}; give each seed once")
+            runs[seed], origin[seed] = r, str(f)
+    if not runs:
+        raise ConfigError("--merge: give at least one results file")
+    first = min(runs, key=int)
+    recipe = {k: v for k, v in runs[first]["config"].items() if k not in SEED_KEYS}
+    for seed, r in runs.items():
+        other = {k: v for k, v in r["config"].items() if k not in SEED_KEYS}
+        diff = sorted(k for k in set(recipe) | set(other) if recipe.get(k, "<absent>") != other.get(k, "<absent>"))
+        if diff:
+            shown = ", ".join(f"{k}: {recipe.get(k, '<absent>')!r} vs {other.get(k, '<absent>')!r}" for k in diff[:6])
+            raise ConfigError(f"--merge: seed {seed} ({origin[seed]}) ran another recipe than seed {first} "
+                              f"({origin[first]}): {shown}; a summary averages one recipe's seeds")
+    return runs
