@@ -117,3 +117,14 @@ def test_demo_quick_writes_documented_files(tmp_path):
     targets = [s.target.file for r in load_records(out / "focus" / "train.jsonl") for s in r.steps]
     assert targets and all(t is not None and t.is_file() for t in targets)
     assert _frac(focus["reading"]["valr_s"]["segment_views"]["picks_view"])
+
+    # fixed options: the chains (with their own scenes and images) and what trains on them run again; perception
+    # keeps the world's scenes
+    _run(out, "--seed", "3", "fixed_options=true")
+    fixed = json.loads((out / "results.json").read_text())
+    assert {"world", "teacher", "stage0"} <= set(fixed["reused_stages"])
+    assert not {"chains", "stage1", "sft", "valr_s"} & set(fixed["reused_stages"])
+    recs = load_records(out / "chains" / "train.jsonl")
+    chase = [r for r in recs if r.meta["family"] == "chase"]
+    assert chase and all(r.question.split("\n")[2] == "which row is the last object in?" for r in chase)
+    assert all(img.is_file() and img.stat().st_nlink == 1 for r in recs for img in r.images)

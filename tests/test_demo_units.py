@@ -373,6 +373,12 @@ def test_merge_runs_gathers_seeds_run_apart_and_refuses_mixed_recipes(tmp_path):
     d = _write_run(tmp_path / "d", other)
     with pytest.raises(ConfigError, match="another recipe.*k: 16 vs 4"):
         merge_runs([a, d])
+    newer = _seed_run(5, 0.5)
+    newer["config"]["fixed_options"] = False  # an option added since seed 0 ran, at its default: same recipe
+    assert sorted(merge_runs([a, _write_run(tmp_path / "f", newer)])) == ["0", "5"]
+    newer["config"]["fixed_options"] = True
+    with pytest.raises(ConfigError, match="fixed_options"):
+        merge_runs([a, _write_run(tmp_path / "g", newer)])
     quick = {**_seed_run(4, 0.5), "quick": True}
     with pytest.raises(ConfigError, match="quick"):
         merge_runs([_write_run(tmp_path / "e", quick)])

@@ -163,3 +163,22 @@ def test_records_load_as_an_eval_benchmark(world) -> None:
     assert len(items) == len(recs)
     for it in items:
         assert it.kind == recs[it.id].meta["kind"] and it.task == recs[it.id].meta["family"]
+
+
+def test_fixed_options_world_checks_out_and_keeps_its_own_cache_key(tmp_path: Path) -> None:
+    from valr.synth.questions import ROW_OPTIONS, TALLY_COLOURS
+
+    kw = dict(seed=4, n_train=40, n_val=8, n_test=8, n_range=(1, 6))
+    m = make_world_dataset(tmp_path / "fixed", fixed_options=True, **kw)
+    assert m["config"]["fixed_options"] is True
+    labels = load_labels(tmp_path / "fixed")
+    recs = _records(tmp_path / "fixed", "train")
+    for r in recs:
+        assert check_record(r, scene_from_labels(labels, r, tmp_path / "fixed")) == []
+        if r.meta["family"] in ("chase", "tally"):
+            assert tuple(r.meta["options"]) == (ROW_OPTIONS if r.meta["family"] == "chase" else TALLY_COLOURS)
+    for family in ("chase", "tally"):  # letters (rows, colours) balanced as with drawn options
+        letters = Counter(r.answer for r in recs if r.meta["family"] == family)
+        assert set(letters) == set("ABCD") and max(letters.values()) - min(letters.values()) <= 1, letters
+    plain = make_world_dataset(tmp_path / "plain", **kw)
+    assert "fixed_options" not in plain["config"]  # the default keeps the key worlds had before the option

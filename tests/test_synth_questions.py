@@ -9,7 +9,15 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from valr.synth.questions import FAMILIES, FAMILY_KIND, LETTERS, make_question, vocabulary
+from valr.synth.questions import (
+    FAMILIES,
+    FAMILY_KIND,
+    LETTERS,
+    ROW_OPTIONS,
+    TALLY_COLOURS,
+    make_question,
+    vocabulary,
+)
 from valr.synth.solver import UnsolvableQuestion, check_steps, solve
 from valr.synth.world import generate_scene
 
@@ -197,3 +205,32 @@ def test_generation_is_deterministic_per_rng_seed() -> None:
 def test_question_dataclass_is_frozen() -> None:
     _, _, q = QUESTIONS[0]
     assert replace(q, answer="Z").answer == "Z" and q.answer != "Z"
+
+
+def test_fixed_options_keep_the_same_four_options_and_check_out() -> None:
+    rng = np.random.default_rng(7)
+    made = {"chase": 0, "tally": 0}
+    for s in range(30):
+        scene = generate_scene(2000 + s)
+        for family, options in (("chase", ROW_OPTIONS), ("tally", TALLY_COLOURS)):
+            for n in (1, 2, 5, 8):
+                slot = (s + n) % 4
+                q = make_question(scene, family, n, rng, slot=slot, fixed_options=True)
+                if q is None:
+                    continue
+                made[family] += 1
+                assert q.options == options and q.answer == LETTERS[slot] and q.answer_text == options[slot]
+                sol = solve(scene, q.text)  # the independent solver reads the fixed question from its text
+                assert (sol.answer, sol.answer_text) == (q.answer, q.answer_text)
+                assert check_steps(scene, q.text, [(st.text, st.view) for st in q.steps]) == []
+                if family == "chase":  # the letter is the last step's row
+                    assert re.search(r"row (\d+) col \d+:", q.steps[-1].text).group(1) == str(slot + 1)
+                for w in _words(q.text):
+                    assert w in WORDS or w.isdigit(), w
+    assert made["chase"] >= 80 and made["tally"] >= 60, made
+    where = make_question(generate_scene(3), "where", 3, np.random.default_rng(0), slot=1, fixed_options=True)
+    assert where is None or where.family == "where"  # where's options are fixed already; count has none
+    from valr.synth.world import WorldConfig
+
+    with pytest.raises(ValueError, match="grid of 4, not 3"):
+        make_question(generate_scene(1, WorldConfig(grid=3, image_size=84)), "chase", 2, rng, fixed_options=True)

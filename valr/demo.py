@@ -84,6 +84,10 @@ class DemoConfig:
     n_min: int = 1
     n_max: int = 8
     n_views: int = 4
+    # chase and tally with the same four options in every question (valr.synth.questions; off: options drawn per
+    # question, whose letters a 4-layer model never learned to pick after right chains, docs/results.md item 31).
+    # Changes the chains stage and what trains on it; perception (stage 0, teacher) keeps the world's scenes
+    fixed_options: bool = False
     cell_tint: int = 16  # the world's opt-in aid: a cell's row/col shade its background (red/blue channel)
     view_shade: int = 20  # demo aid: view v's background gets +v*view_shade in the green channel
     # the MLLM (Qwen2.5-VL architecture, tiny)
@@ -1353,14 +1357,16 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
     world_key["text_format"] = 2
     world_key["read_records"] = 2  # 2: read records of n_min..n_max cells (1: always 4)
 
-    def make_world(d: Path, render: bool) -> dict[str, Any]:
-        """The world's scenes and questions in ``d`` (the same for the world and chains stages)."""
+    def make_world(d: Path, render: bool, fixed_options: bool = False) -> dict[str, Any]:
+        """The world's scenes and questions in ``d`` (the same for the world and chains stages unless the chains
+        ask with fixed options, which draws other scenes)."""
         from valr.synth.dataset import make_world_dataset
         from valr.synth.world import WorldConfig
 
         return make_world_dataset(d, seed=c.seed, n_train=c.n_train, n_val=c.n_val, n_test=c.n_test,
                                   n_range=(c.n_min, c.n_max), n_views=c.n_views,
-                                  world=WorldConfig(cell_tint=c.cell_tint), render=render)
+                                  world=WorldConfig(cell_tint=c.cell_tint), render=render,
+                                  fixed_options=fixed_options)
 
     def do_world(d: Path):
         m = make_world(d, render=True)
@@ -1374,15 +1380,23 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
     wdir = out / "world"
 
     def do_chains(d: Path):
-        m = make_world(d, render=False)
-        n_images = link_images(wdir / "images", d / "images")
+        if c.fixed_options:  # other question draws take other scenes: render and shade them here
+            m = make_world(d, render=True, fixed_options=True)
+            shade_views(d, c.view_shade, c.cell_tint)
+            n_images = sum(1 for _ in (d / "images").rglob("*.png"))
+        else:
+            m = make_world(d, render=False)
+            n_images = link_images(wdir / "images", d / "images")
         _subset(d / "val.jsonl", d / "val_small.jsonl", min(c.n_val, 64))
         n_find = find_records(d, d / "find_val.jsonl", c.seed, items=(c.n_min, c.n_max), split="val")  # a probe
         return {"text_format": FORMAT_VERSION, "avg_tokens_per_step": m["avg_tokens_per_step"],
                 "n_images": n_images, "n_find_probe_records": n_find}
 
     # the question records (same scenes and questions as the world's) in the current text format
-    st.run("chains", {"world": st.fps["world"], "text_format": FORMAT_VERSION}, do_chains)
+    chains_key: dict[str, Any] = {"world": st.fps["world"], "text_format": FORMAT_VERSION}
+    if c.fixed_options:  # absent when off, as before the option existed
+        chains_key["fixed_options"] = True
+    st.run("chains", chains_key, do_chains)
     cdir = out / "chains"
 
     # 2. perception teacher
@@ -1814,10 +1828,16 @@ def merge_runs(paths: list[str | Path]) -> dict[str, dict[str, Any]]:
             runs[seed], origin[seed] = r, str(f)
     if not runs:
         raise ConfigError("--merge: give at least one results file")
+    # a key missing from an older results file is an option added since, which was off (its default) back then
+    defaults = json.loads(json.dumps(DemoConfig().to_dict()))
+
+    def recipe_of(r: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in {**defaults, **r["config"]}.items() if k not in SEED_KEYS}
+
     first = min(runs, key=int)
-    recipe = {k: v for k, v in runs[first]["config"].items() if k not in SEED_KEYS}
+    recipe = recipe_of(runs[first])
     for seed, r in runs.items():
-        other = {k: v for k, v in r["config"].items() if k not in SEED_KEYS}
+        other = recipe_of(r)
         diff = sorted(k for k in set(recipe) | set(other) if recipe.get(k, "<absent>") != other.get(k, "<absent>"))
         if diff:
             shown = ", ".join(f"{k}: {recipe.get(k, '<absent>')!r} vs {other.get(k, '<absent>')!r}" for k in diff[:6])

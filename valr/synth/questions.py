@@ -22,6 +22,12 @@ Families (``N`` = number of steps, 1..any):
 ``tally`` (multiple choice, comparison): read ``N`` given cells across views, then name the most common
     colour among the objects read (the mode is unique by construction).
 
+With ``fixed_options`` chase and tally get where's kind of options, the same four in the same order in every
+question, so the letter follows from a right chain without searching the option list for the answer (a 4-layer
+model answered chase and tally at chance after right chains: docs/results.md item 31): chase asks "which row is
+the last object in?" (``A. row 1`` .. ``D. row 4``; the answer's row is balanced like where's quadrant) and tally's
+options are the first four colours (``A. red`` .. ``D. cyan``), its most common colour always one of them.
+
 Text uses a small closed vocabulary (see :func:`vocabulary`) and 1-based coordinates; a lookup step reads
 ``#2 view 2 row 1 col 3: large red cube`` (by address) or ``#2 view 2 red at row 1 col 3: large red cube`` (by
 content: a colour/shape move or where's named start restates what it searched for), a counting step
@@ -51,6 +57,8 @@ FAMILY_KIND: dict[str, str] = {"chase": "mc", "where": "mc", "count": "numeric",
 LETTERS: tuple[str, ...] = ("A", "B", "C", "D")
 MOVES: tuple[str, ...] = ("colour", "shape", "cell")
 QUADRANTS: tuple[str, ...] = ("top left", "top right", "bottom left", "bottom right")
+ROW_OPTIONS: tuple[str, ...] = tuple(f"row {i + 1}" for i in range(len(LETTERS)))  # fixed-option chase (grid 4)
+TALLY_COLOURS: tuple[str, ...] = COLOURS[:len(LETTERS)]  # fixed-option tally
 MAX_TERM_COUNT = 4
 
 Cell = tuple[int, int, int]  # (view, row, col), 0-based
@@ -277,24 +285,34 @@ def _chase_distractors(scene: Scene, path: list[Cell], moves: list[tuple[str, in
     return out
 
 
-def make_chase(scene: Scene, n_steps: int, rng: np.random.Generator, slot: int, tries: int = 40
-               ) -> Question | None:
-    """Pointer chasing from a start cell (a position lookup) through ``n_steps - 1`` content/cell moves."""
+def make_chase(scene: Scene, n_steps: int, rng: np.random.Generator, slot: int, tries: int = 40,
+               fixed: bool = False) -> Question | None:
+    """Pointer chasing from a start cell (a position lookup) through ``n_steps - 1`` content/cell moves.
+    ``fixed``: ask for the last object's row (options ``ROW_OPTIONS``; ``slot`` is the row) instead of the
+    object among drawn options."""
+    if fixed and scene.grid != len(ROW_OPTIONS):
+        raise ValueError(f"fixed-option chase asks for one of {len(ROW_OPTIONS)} rows: needs a grid of "
+                         f"{len(ROW_OPTIONS)}, not {scene.grid}")
     for _ in range(tries):
         v0 = int(rng.integers(scene.n_views))
         cells = scene.cells(v0)
         if not cells:
             continue
         r0, c0 = cells[int(rng.integers(len(cells)))]
-        walk = _walk(scene, (v0, r0, c0), n_steps - 1, rng)
+        walk = _walk(scene, (v0, r0, c0), n_steps - 1, rng, (lambda cell: cell[1] == slot) if fixed else None)
         if walk is None:
             continue
         path, moves = walk
+        if fixed and path[-1][1] != slot:  # N = 1: no move, the start is the last object
+            continue
+        start = f"start at {marker(1)} view {v0 + 1} row {r0 + 1} col {c0 + 1}."
+        steps = marked_steps(scene, path, [None, *move_keys(scene, path, moves)])
+        if fixed:
+            text = "\n".join([start, _moves_line(moves), "which row is the last object in?", _mc_block(ROW_OPTIONS)])
+            return Question("chase", "mc", text, steps, LETTERS[slot], ROW_OPTIONS[slot], ROW_OPTIONS)
         answer_text = scene.obj(*path[-1]).describe()  # type: ignore[union-attr]
         options = _place(answer_text, _chase_distractors(scene, path, moves, answer_text, rng), slot)
-        text = "\n".join([f"start at {marker(1)} view {v0 + 1} row {r0 + 1} col {c0 + 1}.", _moves_line(moves),
-                          "what is the last object?", _mc_block(options)])
-        steps = marked_steps(scene, path, [None, *move_keys(scene, path, moves)])
+        text = "\n".join([start, _moves_line(moves), "what is the last object?", _mc_block(options)])
         return Question("chase", "mc", text, steps, LETTERS[slot], answer_text, options)
     return None
 
@@ -370,9 +388,10 @@ def make_count(scene: Scene, n_steps: int, rng: np.random.Generator, slot: int =
     return None
 
 
-def make_tally(scene: Scene, n_steps: int, rng: np.random.Generator, slot: int, tries: int = 200
-               ) -> Question | None:
-    """Read ``n_steps`` distinct occupied cells (consecutive ones in different views); unique modal colour."""
+def make_tally(scene: Scene, n_steps: int, rng: np.random.Generator, slot: int, tries: int = 200,
+               fixed: bool = False) -> Question | None:
+    """Read ``n_steps`` distinct occupied cells (consecutive ones in different views); unique modal colour.
+    ``fixed``: the options are ``TALLY_COLOURS`` and the most common colour is ``TALLY_COLOURS[slot]``."""
     occupied = [(w, r, c) for w in range(scene.n_views) for r, c in scene.cells(w)]
     if len(occupied) < n_steps:
         return None
@@ -391,6 +410,12 @@ def make_tally(scene: Scene, n_steps: int, rng: np.random.Generator, slot: int, 
         if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
             continue
         mode = ranked[0][0]
+        if fixed:
+            if COLOURS[mode] != TALLY_COLOURS[slot]:
+                continue
+            text = "\n".join([read_line(picks), "which colour is most common?", _mc_block(TALLY_COLOURS)])
+            return Question("tally", "mc", text, marked_steps(scene, picks), LETTERS[slot], COLOURS[mode],
+                            TALLY_COLOURS)
         seen = [k for k, _ in ranked[1:]]
         unseen = [k for k in range(len(COLOURS)) if k not in counts]
         distract = [seen[int(i)] for i in rng.permutation(len(seen))]
@@ -411,12 +436,13 @@ def read_line(cells: Sequence[Cell], with_view: bool = True) -> str:
 _MAKERS = {"chase": make_chase, "where": make_where, "count": make_count, "tally": make_tally}
 
 
-def make_question(scene: Scene, family: str, n_steps: int, rng: np.random.Generator, slot: int = 0
-                  ) -> Question | None:
+def make_question(scene: Scene, family: str, n_steps: int, rng: np.random.Generator, slot: int = 0,
+                  fixed_options: bool = False) -> Question | None:
     """A question of ``family`` with exactly ``n_steps`` steps, or None if this scene cannot host one.
 
     ``slot`` (0..3) is the index of the correct option for multiple-choice families (for ``where`` it is the
     answer quadrant); callers cycle it to balance answer letters. Ignored for numeric families.
+    ``fixed_options``: chase and tally with the same four options in every question (module docstring).
     """
     if family not in _MAKERS:
         raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
@@ -424,6 +450,8 @@ def make_question(scene: Scene, family: str, n_steps: int, rng: np.random.Genera
         raise ValueError("n_steps must be >= 1")
     if not 0 <= slot < len(LETTERS):
         raise ValueError(f"slot must be in 0..{len(LETTERS) - 1}")
+    if fixed_options and family in ("chase", "tally"):
+        return _MAKERS[family](scene, n_steps, rng, slot, fixed=True)
     return _MAKERS[family](scene, n_steps, rng, slot)
 
 

@@ -145,11 +145,14 @@ def _run_moves(scene: Scene, start: Expected, moves_line: str) -> list[Expected]
 
 def _solve_chase(scene: Scene, lines: list[str]) -> Solution:
     m = re.fullmatch(rf"start at #1 {_CELL}\.", lines[0])
-    if not m or lines[2] != "what is the last object?":
+    if not m or lines[2] not in ("what is the last object?", "which row is the last object in?"):
         raise UnsolvableQuestion("not a chase question")
     v, r, c = _view(scene, m.group(1)), _coord(scene, m.group(2)), _coord(scene, m.group(3))
     path = _run_moves(scene, Expected(v, r, c), lines[1])
-    text = _describe(scene, path[-1].view, path[-1].row, path[-1].col)  # type: ignore[arg-type]
+    last = path[-1]
+    text = _describe(scene, last.view, last.row, last.col)  # type: ignore[arg-type]
+    if lines[2].startswith("which row"):
+        text = f"row {last.row + 1}"  # type: ignore[operator]
     return Solution("chase", _letter(_options(lines[3:]), text), text, tuple(path))
 
 
