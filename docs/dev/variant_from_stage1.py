@@ -31,6 +31,9 @@ cfg = demo.DemoConfig(seed=seed, eval_split="val").with_overrides(
 cdir = run / "chains"
 start = extra.get("start") or json.loads((run / "stage1" / "done.json").read_text())["result"]["checkpoint"]
 out.mkdir(parents=True, exist_ok=True)
+# the validation loss during training: next to eval=FILE when that directory has one, else the run's
+val_small = Path(extra["eval"]).parent / "val_small.jsonl" if "eval" in extra else cdir / "val_small.jsonl"
+val_small = val_small if val_small.is_file() else cdir / "val_small.jsonl"
 if "model" in extra and not (out / "train.json").exists():
     (out / "train.json").write_text(json.dumps({"checkpoint": extra["model"], "config": cfg.to_dict()}, indent=1))
 if not (out / "train.json").exists():
@@ -39,7 +42,7 @@ if not (out / "train.json").exists():
     teachers = [teacher_spec(run / "teacher", image_size=112)] if lam > 0 else []
     res = demo._train(cfg, out, model=Path(start), data=Path(extra.get("data") or cdir / "train.jsonl"),
                       stage=2 if cfg.k else 1, steps=cfg.stage2_steps, lr=cfg.stage2_lr, lambda_align=lam,
-                      teachers=teachers, val_data=cdir / "val_small.jsonl")
+                      teachers=teachers, val_data=val_small)
     res.update(seconds=time.time() - t0, config=cfg.to_dict())
     if teachers:
         res["mean_feature_loss"] = demo.cache_alignment_baselines(out / "features", center=cfg.center_targets)
