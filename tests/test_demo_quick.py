@@ -88,15 +88,15 @@ def test_demo_quick_writes_documented_files(tmp_path):
         assert (out / "figures" / fig).stat().st_size > 1000, fig
     printed = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(printed) == set(VARIANTS)
-    # stage 1 on trains on the chains stage's records: the world's scenes and questions in the current text format,
-    # over the world's own image files (hard links, not a second copy)
+    # stage 1 on trains on the chains stage's records: by default chase and tally with fixed options, which draw
+    # other scenes than the world's, rendered in the chains directory
     from valr.data import load_records
 
-    world, chains = (load_records(out / d / "train.jsonl") for d in ("world", "chains"))
-    assert [r.question for r in chains] == [r.question for r in world]
-    img = chains[0].images[0]
-    assert img.is_relative_to((out / "chains").resolve())
-    assert img.stat().st_ino == (out / "world" / img.relative_to((out / "chains").resolve())).stat().st_ino
+    chains = load_records(out / "chains" / "train.jsonl")
+    chase = [r for r in chains if r.meta["family"] == "chase"]
+    assert chase and all(r.question.split("\n")[2] == "which row is the last object in?" for r in chase)
+    assert all(img.is_relative_to((out / "chains").resolve()) and img.stat().st_nlink == 1
+               for r in chains for img in r.images)
     assert "chains" in res["stage_seconds"] and (out / "chains" / "find_val.jsonl").is_file()
 
     # a rerun reuses every stage: nothing is trained or generated again
@@ -118,13 +118,15 @@ def test_demo_quick_writes_documented_files(tmp_path):
     assert targets and all(t is not None and t.is_file() for t in targets)
     assert _frac(focus["reading"]["valr_s"]["segment_views"]["picks_view"])
 
-    # fixed options: the chains (with their own scenes and images) and what trains on them run again; perception
-    # keeps the world's scenes
-    _run(out, "--seed", "3", "fixed_options=true")
-    fixed = json.loads((out / "results.json").read_text())
-    assert {"world", "teacher", "stage0"} <= set(fixed["reused_stages"])
-    assert not {"chains", "stage1", "sft", "valr_s"} & set(fixed["reused_stages"])
-    recs = load_records(out / "chains" / "train.jsonl")
-    chase = [r for r in recs if r.meta["family"] == "chase"]
-    assert chase and all(r.question.split("\n")[2] == "which row is the last object in?" for r in chase)
-    assert all(img.is_file() and img.stat().st_nlink == 1 for r in recs for img in r.images)
+    # drawn options (recipes 1-5): the chains and what trains on them run again, perception is kept; the chains
+    # are the world's own scenes and questions in the current text format, over the world's image files (hard
+    # links, not a second copy)
+    _run(out, "--seed", "3", "fixed_options=false")
+    drawn = json.loads((out / "results.json").read_text())
+    assert {"world", "teacher", "stage0"} <= set(drawn["reused_stages"])
+    assert not {"chains", "stage1", "sft", "valr_s"} & set(drawn["reused_stages"])
+    world, chains = (load_records(out / d / "train.jsonl") for d in ("world", "chains"))
+    assert [r.question for r in chains] == [r.question for r in world]
+    img = chains[0].images[0]
+    assert img.is_relative_to((out / "chains").resolve())
+    assert img.stat().st_ino == (out / "world" / img.relative_to((out / "chains").resolve())).stat().st_ino

@@ -374,11 +374,18 @@ def test_merge_runs_gathers_seeds_run_apart_and_refuses_mixed_recipes(tmp_path):
     with pytest.raises(ConfigError, match="another recipe.*k: 16 vs 4"):
         merge_runs([a, d])
     newer = _seed_run(5, 0.5)
-    newer["config"]["fixed_options"] = False  # an option added since seed 0 ran, at its default: same recipe
+    newer["config"]["fixed_options"] = False  # an option added since seed 0 ran, as it ran without it
     assert sorted(merge_runs([a, _write_run(tmp_path / "f", newer)])) == ["0", "5"]
     newer["config"]["fixed_options"] = True
     with pytest.raises(ConfigError, match="fixed_options"):
         merge_runs([a, _write_run(tmp_path / "g", newer)])
+    # results written before an option existed ran as ABSENT_MEANS says, whatever its default is now
+    from valr.demo import ABSENT_MEANS, DemoConfig
+
+    assert set(ABSENT_MEANS) <= set(DemoConfig().to_dict())
+    older = _seed_run(6, 0.5)
+    older["config"]["fixed_options"] = False  # recipe 5 with the key written out: the same as without it
+    assert sorted(merge_runs([a, _write_run(tmp_path / "h", older)])) == ["0", "6"]
     quick = {**_seed_run(4, 0.5), "quick": True}
     with pytest.raises(ConfigError, match="quick"):
         merge_runs([_write_run(tmp_path / "e", quick)])

@@ -84,10 +84,11 @@ class DemoConfig:
     n_min: int = 1
     n_max: int = 8
     n_views: int = 4
-    # chase and tally with the same four options in every question (valr.synth.questions; off: options drawn per
-    # question, whose letters a 4-layer model never learned to pick after right chains, docs/results.md item 31).
-    # Changes the chains stage and what trains on it; perception (stage 0, teacher) keeps the world's scenes
-    fixed_options: bool = False
+    # chase and tally with the same four options in every question (valr.synth.questions). Recipe 6: with options
+    # drawn per question (False, recipes 1-5) a 4-layer model answered chase and tally at chance after right chains
+    # (docs/results.md items 31, 39). Changes the chains stage and what trains on it; perception (stage 0, teacher)
+    # keeps the world's scenes
+    fixed_options: bool = True
     cell_tint: int = 16  # the world's opt-in aid: a cell's row/col shade its background (red/blue channel)
     view_shade: int = 20  # demo aid: view v's background gets +v*view_shade in the green channel
     # the MLLM (Qwen2.5-VL architecture, tiny)
@@ -1792,6 +1793,10 @@ def load_run(results: dict[str, Any], run_dir: Path | None = None) -> dict[str, 
 
 # keys of the config that may differ between the seeds of one study (everything else is the recipe)
 SEED_KEYS = ("seed",)
+# how a run whose results predate an option ran without it (older results.json files lack the key)
+ABSENT_MEANS: dict[str, Any] = {"fixed_options": False, "latent_feed": "hidden", "step_targets": "view",
+                                "center_targets": False, "latent_after": None, "find_oneview_steps": 0,
+                                "find_steps": 0, "vision_position_heads": False, "stage0_max_extensions": 0}
 
 
 def merge_runs(paths: list[str | Path]) -> dict[str, dict[str, Any]]:
@@ -1828,8 +1833,9 @@ def merge_runs(paths: list[str | Path]) -> dict[str, dict[str, Any]]:
             runs[seed], origin[seed] = r, str(f)
     if not runs:
         raise ConfigError("--merge: give at least one results file")
-    # a key missing from an older results file is an option added since, which was off (its default) back then
-    defaults = json.loads(json.dumps(DemoConfig().to_dict()))
+    # a key missing from an older results file is an option added since: it ran as ABSENT_MEANS says, or (for the
+    # settings of a stage it did not have) as anything, read as today's default
+    defaults = {**json.loads(json.dumps(DemoConfig().to_dict())), **ABSENT_MEANS}
 
     def recipe_of(r: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in {**defaults, **r["config"]}.items() if k not in SEED_KEYS}
