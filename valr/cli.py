@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "data_fraction=0.25; VaLR-M with the model's own vision tower as second teacher in --quick, "
                     "off in the full budget), "
                     "evaluate them on the test split and write OUT/results.json, OUT/report.md and OUT/figures/. "
-                    "Every finished stage is cached under OUT, so a rerun reuses it. Full mode: about 72 minutes "
+                    "Every finished stage is cached under OUT, so a rerun reuses it. Full mode: about 75-85 minutes "
                     "on 2 CPU cores (estimated; over the 30-minute aim, docs/results.md); --quick: a smoke run of a "
                     "few minutes whose accuracies mean nothing.")
     d.add_argument("--quick", action="store_true", help="toy sizes: checks the pipeline, makes no accuracy claims")
@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--figures", help="with --seeds or --merge: directory for the seed-mean figures "
                                      "(default OUT/figures)")
     d.add_argument("--scale", type=float, default=1.0,
-                   help="multiply every training stage's steps (more compute, same recipe; default 1 = ~72 min)")
+                   help="multiply every training stage's steps (more compute, same recipe; default 1 = ~75-85 min)")
     d.add_argument("overrides", nargs="*", metavar="key=value",
                    help="change the recipe (fields of valr.demo.DemoConfig), e.g. stage0_steps=600 "
                         "data_fraction=0 teacher.steps=200; applied after --scale and part of every stage's cache "
