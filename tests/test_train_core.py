@@ -227,3 +227,17 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     p.write_text(f"model: {tmp_path / 'none'}\ntrain_data: {tmp_path / 'none.jsonl'}\n")
     assert main(["train", "--config", str(p), f"output_dir={tmp_path / 'o'}"]) == 2
     assert "records file not found" in capsys.readouterr().err
+
+
+def test_objective_reads_a_backbone_without_latent_feed_as_hidden():
+    """A third-party backbone without the attribute feeds hidden states; a config that says otherwise warns and
+    sets it (the warning must not need the attribute it found missing)."""
+    import types
+
+    from valr.config import ValrConfig
+    from valr.train import Objective
+
+    bb = types.SimpleNamespace()
+    with pytest.warns(UserWarning, match="fed 'hidden'.*config says 'embedding_rms'"):
+        Objective(bb, ValrConfig(k=1, lambda_align=0.0, latent_feed="embedding_rms"))
+    assert bb.latent_feed == "embedding_rms"

@@ -41,8 +41,9 @@ class Objective:
     def __init__(self, backbone: Backbone, config: ValrConfig, teachers: list[Teacher] | None = None,
                  aligner: Aligner | None = None):
         grid_side(config.k)
-        if getattr(backbone, "latent_feed", "hidden") != config.latent_feed:  # the config decides how latents are fed
-            warnings.warn(f"latent_feed: the backbone fed {backbone.latent_feed!r} (e.g. from its checkpoint); "
+        fed = getattr(backbone, "latent_feed", "hidden")  # a backbone without the attribute feeds hidden states
+        if fed != config.latent_feed:  # the config decides how latents are fed
+            warnings.warn(f"latent_feed: the backbone fed {fed!r} (e.g. from its checkpoint); "
                           f"this objective's config says {config.latent_feed!r}, which is used from now on",
                           stacklevel=2)
         backbone.latent_feed = config.latent_feed
