@@ -64,6 +64,15 @@ def _bench(args: argparse.Namespace) -> int:
     return bench.main(args)
 
 
+def _demo_command() -> str | None:
+    """The command line as typed, for a summary's record of how it was made."""
+    return "valr demo " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["demo"] else None
+
+
+def _print_means(summary: dict) -> None:
+    print(json.dumps({n: round(m["accuracy"], 4) for n, m in summary["means"].items() if "accuracy" in m}))
+
+
 def _demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see valr/demo.py
     from valr.config import ConfigError
@@ -83,11 +92,8 @@ def _demo(args: argparse.Namespace) -> int:
             print(f"error: --seeds {args.seeds!r}: give a comma-separated list of integers, e.g. 0,1,2",
                   file=sys.stderr)
             return 2
-        command = "valr demo " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["demo"] else None
-        summary = run_seeds(args.out, seeds, quick=args.quick, summary_path=args.summary, figures=args.figures,
-                            command=command, scale=args.scale, overrides=args.overrides)
-        means = summary["means"]
-        print(json.dumps({n: round(m["accuracy"], 4) for n, m in means.items() if "accuracy" in m}))
+        _print_means(run_seeds(args.out, seeds, quick=args.quick, summary_path=args.summary, figures=args.figures,
+                               command=_demo_command(), scale=args.scale, overrides=args.overrides))
         return 0
     if args.scale <= 0:
         print(f"error: --scale must be > 0, got {args.scale}", file=sys.stderr)
@@ -114,10 +120,8 @@ def _demo_merge(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    command = "valr demo " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["demo"] else None
-    summary = write_summary(runs, command, out / "summary.json", args.summary,
-                            figures=Path(args.figures) if args.figures else out / "figures")
-    print(json.dumps({n: round(m["accuracy"], 4) for n, m in summary["means"].items() if "accuracy" in m}))
+    _print_means(write_summary(runs, _demo_command(), out / "summary.json", args.summary,
+                               figures=Path(args.figures) if args.figures else out / "figures"))
     return 0
 
 
