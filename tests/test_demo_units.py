@@ -162,17 +162,7 @@ def _seed_run(seed, a):
 
 
 def test_summarize_means_over_seeds():
-    def run(seed, a):
-        vs = {n: {**_variant(a + d, {"1": a + d, "2": a}), "accuracy_long": a}
-              for n, d in (("sft", 0.0), ("latent_no_align", 0.01), ("valr_s", 0.1))}
-        vs["valr_s"]["accuracy_by_k"] = {"1": a, "4": a + 0.1}
-        vs["valr_s"]["data_fraction"] = {"1.0": {"accuracy": a + 0.1, "accuracy_by_n": {"1": a}},
-                                         "0.25": {"accuracy": a, "accuracy_by_n": {"1": a}}}
-        return {"seed": seed, "config": {"n_max": 2}, "variants": vs, "targets": {}, "stage_seconds": {"x": 1.0},
-                "total_seconds": 10.0, "reading": {"stage0": {"all_views": a, "one_view": 2 * a},
-                                                   "sft": {"step_tokens": {"chase/first_view": a}}}}
-
-    s = summarize({"0": run(0, 0.4), "1": run(1, 0.6)}, "valr demo --seeds 0,1")
+    s = summarize({"0": _seed_run(0, 0.4), "1": _seed_run(1, 0.6)}, "valr demo --seeds 0,1")
     assert s["seeds"] == [0, 1]
     assert s["means"]["sft"]["accuracy"] == pytest.approx(0.5)
     assert s["means"]["valr_s"]["accuracy_by_k"]["4"] == pytest.approx(0.6)
