@@ -129,11 +129,12 @@ class DemoConfig:
     # much later than others: one round of 800 steps at batch 32 found 16-57% of whole one-view cells (seeds 1, 0,
     # 2: 16 / 27 / 57%); two rounds of 1,600 at batch 16 found 95% on seed 1, 67% on seed 0 (by shape 24%)
     # (docs/results.md items 14-21). Mixed into stage 0 from the start, finding stayed at chance and reading
-    # slowed (item 11)
-    find_oneview_steps: int = 0
-    find_oneview_rounds: int = 1
-    find_steps: int = 0
-    find_batch_size: int = 32
+    # slowed (item 11). Recipe 7 turns them on (seed 0 found 6.8% of whole cells without them, 57.1% with them:
+    # item 42), at about 35 more minutes per seed
+    find_oneview_steps: int = 1600
+    find_oneview_rounds: int = 2
+    find_steps: int = 1000
+    find_batch_size: int = 16
     # CoT training (optimizer steps; stages 1 and 2 use the same batch size)
     batch_size: int = 16
     # the chains are a late transition: whole chase / where / tally chains right 24 / 20 / 83% after 400 steps,
