@@ -386,6 +386,25 @@ def test_merge_runs_gathers_seeds_run_apart_and_refuses_mixed_recipes(tmp_path):
         merge_runs([tmp_path / "missing"])
 
 
+def test_merge_pairs_the_data_fraction_target_with_the_seeds_that_ran_it(tmp_path):
+    from valr.demo import merge_runs, summarize
+
+    with_frac = _seed_run(0, 0.4)
+    with_frac["config"]["data_fraction"] = 0.25
+    without = _seed_run(1, 0.6)
+    without["config"]["data_fraction"] = 0.0
+    del without["variants"]["valr_s"]["data_fraction"]["0.25"]
+    runs = merge_runs([_write_run(tmp_path / "a", with_frac), _write_run(tmp_path / "b", without)])
+    s = summarize(runs)
+    frac = s["means"]["valr_s"]["data_fraction"]
+    assert frac["1.0"]["seeds"] == [0, 1] and frac["1.0"]["accuracy"] == pytest.approx(0.6)
+    assert frac["0.25"] == {"accuracy": pytest.approx(0.4), "accuracy_by_n": {"1": pytest.approx(0.4)},
+                            "seeds": [0], "sft_accuracy": pytest.approx(0.4)}
+    # seed 0's VaLR-S on 25% against seed 0's SFT (0.4 vs 0.4), not against the mean of both seeds' SFT (0.5)
+    t = s["targets_on_means"]["valr_s_small_data_matches_sft_full"]
+    assert (t["sft"], t["met"], t["seeds"]) == (pytest.approx(0.4), True, [0])
+
+
 def test_demo_merge_command_writes_the_summary_and_seed_mean_figures(tmp_path, capsys):
     from valr.cli import main
 
