@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -118,15 +119,17 @@ def test_demo_quick_writes_documented_files(tmp_path):
     assert targets and all(t is not None and t.is_file() for t in targets)
     assert _frac(focus["reading"]["valr_s"]["segment_views"]["picks_view"])
 
-    # drawn options (recipes 1-5): the chains and what trains on them run again, perception is kept; the chains
-    # are the world's own scenes and questions in the current text format, over the world's image files (hard
-    # links, not a second copy)
-    _run(out, "--seed", "3", "fixed_options=false")
+    # drawn options (recipes 1-5), here with tally steps that keep the tally: the chains and what trains on them
+    # run again, perception is kept; the chains are the world's own scenes and questions in the current text
+    # format, over the world's image files (hard links, not a second copy)
+    _run(out, "--seed", "3", "fixed_options=false", "tally_counts=true")
     drawn = json.loads((out / "results.json").read_text())
     assert {"world", "teacher", "stage0"} <= set(drawn["reused_stages"])
     assert not {"chains", "stage1", "sft", "valr_s"} & set(drawn["reused_stages"])
     world, chains = (load_records(out / d / "train.jsonl") for d in ("world", "chains"))
     assert [r.question for r in chains] == [r.question for r in world]
+    tally = [s.text for r in chains if r.meta["family"] == "tally" for s in r.steps]
+    assert tally and all(re.search(r", \w+ \d+$", t) for t in tally)
     img = chains[0].images[0]
     assert img.is_relative_to((out / "chains").resolve())
     assert img.stat().st_ino == (out / "world" / img.relative_to((out / "chains").resolve())).stat().st_ino

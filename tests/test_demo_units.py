@@ -324,6 +324,8 @@ def test_token_role_names_what_each_chain_token_carries():
     assert [token_role(p, w, objects, seen=":" in found[:i + 1]) for i, (p, w) in
             enumerate(zip(found, found[1:], strict=False))] == [
         None, "view", "key", "key", None, None, "cell", None, "cell", None, "object", "object", "object"]
+    tally = "#2 view 3 row 1 col 4 : large red cube , red 2".split()  # tally_counts: the running count
+    assert [token_role(p, w, objects) for p, w in zip(tally, tally[1:], strict=False)][-3:] == [None, "object", "count"]
 
 
 def test_dump_json_keeps_flat_lists_on_one_line_and_round_trips():

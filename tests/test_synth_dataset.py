@@ -182,3 +182,19 @@ def test_fixed_options_world_checks_out_and_keeps_its_own_cache_key(tmp_path: Pa
         assert set(letters) == set("ABCD") and max(letters.values()) - min(letters.values()) <= 1, letters
     plain = make_world_dataset(tmp_path / "plain", **kw)
     assert "fixed_options" not in plain["config"]  # the default keeps the key worlds had before the option
+
+
+def test_tally_counts_world_has_the_same_records_but_tally_steps_that_keep_count(tmp_path: Path) -> None:
+    kw = dict(seed=5, n_train=40, n_val=8, n_test=8, n_range=(2, 6), render=False)
+    m = make_world_dataset(tmp_path / "counts", tally_counts=True, **kw)
+    assert m["config"]["tally_counts"] is True
+    make_world_dataset(tmp_path / "plain", **kw)
+    labels = load_labels(tmp_path / "counts")
+    counted, plain = _records(tmp_path / "counts", "train"), _records(tmp_path / "plain", "train")
+    assert [r.question for r in counted] == [r.question for r in plain]
+    for a, b in zip(counted, plain, strict=True):
+        assert check_record(a, scene_from_labels(labels, a, tmp_path / "counts")) == []
+        tally = a.meta["family"] == "tally"
+        for sa, sb in zip(a.steps, b.steps, strict=True):
+            assert (sa.text != sb.text) == tally and sa.text.startswith(sb.text)
+    assert any(r.meta["family"] == "tally" for r in counted)

@@ -234,3 +234,44 @@ def test_fixed_options_keep_the_same_four_options_and_check_out() -> None:
 
     with pytest.raises(ValueError, match="grid of 4, not 3"):
         make_question(generate_scene(1, WorldConfig(grid=3, image_size=84)), "chase", 2, rng, fixed_options=True)
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_tally_counts_keep_a_right_tally_on_the_same_questions(fixed: bool) -> None:
+    made = 0
+    for s in range(25):
+        scene = generate_scene(3000 + s)
+        for n in (1, 3, 6, 8):
+            plain = make_question(scene, "tally", n, np.random.default_rng([s, n]), slot=n % 4, fixed_options=fixed)
+            q = make_question(scene, "tally", n, np.random.default_rng([s, n]), slot=n % 4, fixed_options=fixed,
+                              tally_counts=True)
+            if q is None:
+                assert plain is None
+                continue
+            made += 1
+            # the same question and cells; each step adds ", colour count", counted here from its own words
+            assert (q.text, q.answer, [st.view for st in q.steps]) == (plain.text, plain.answer,
+                                                                       [st.view for st in plain.steps])
+            seen: dict[str, int] = {}
+            for kept, bare in zip(q.steps, plain.steps, strict=True):
+                colour = bare.text.split(": ")[1].split()[1]
+                seen[colour] = seen.get(colour, 0) + 1
+                assert kept.text == f"{bare.text}, {colour} {seen[colour]}"
+            assert max(seen, key=seen.get) == q.answer_text  # the answer sits beside the largest count
+            assert check_steps(scene, q.text, [(st.text, st.view) for st in q.steps]) == []
+            assert check_steps(scene, plain.text, [(st.text, st.view) for st in plain.steps]) == []
+    assert made >= 40, made
+
+
+def test_the_checker_catches_a_wrong_or_partial_tally() -> None:
+    scene = generate_scene(3001)
+    q = next(x for k in range(50) if (x := make_question(scene, "tally", 4, np.random.default_rng(k), slot=0,
+                                                         tally_counts=True)) is not None)
+    steps = [(st.text, st.view) for st in q.steps]
+    wrong = [*steps[:-1], (re.sub(r"\d+$", lambda m: str(int(m.group()) + 1), steps[-1][0]), steps[-1][1])]
+    assert any("the tally should read" in e for e in check_steps(scene, q.text, wrong))
+    partial = [(re.sub(r", \w+ \d+$", "", steps[0][0]), steps[0][1]), *steps[1:]]
+    assert any("do not keep the tally" in e for e in check_steps(scene, q.text, partial))
+    chase = next(x for k in range(50) if (x := make_question(scene, "chase", 2, np.random.default_rng(k))) is not None)
+    tallied = [(f"{st.text}, red 1", st.view) for st in chase.steps]
+    assert any("only tally steps" in e for e in check_steps(scene, chase.text, tallied))

@@ -89,6 +89,9 @@ class DemoConfig:
     # (docs/results.md items 31, 39). Changes the chains stage and what trains on it; perception (stage 0, teacher)
     # keeps the world's scenes
     fixed_options: bool = True
+    # tally's steps keep the tally (``#3 view 1 row 2 col 2: small red ball, red 2``), so its answer is the colour
+    # beside the largest count (without it the letter followed 57% of right tally chains: item 39); same questions
+    tally_counts: bool = False
     cell_tint: int = 16  # the world's opt-in aid: a cell's row/col shade its background (red/blue channel)
     view_shade: int = 20  # demo aid: view v's background gets +v*view_shade in the green channel
     # the MLLM (Qwen2.5-VL architecture, tiny)
@@ -700,7 +703,7 @@ def token_role(prev: str, word: str, objects: set[str], seen: bool = True) -> st
             return "view"
         if prev in ("row", "col"):
             return "cell"
-        if prev in (":", "total"):
+        if prev in (":", "total") or prev in objects:  # a count's, or a tally step's ``red 2``
             return "count"
         return None
     if word not in objects:
@@ -1360,7 +1363,7 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
     world_key["text_format"] = 2
     world_key["read_records"] = 2  # 2: read records of n_min..n_max cells (1: always 4)
 
-    def make_world(d: Path, render: bool, fixed_options: bool = False) -> dict[str, Any]:
+    def make_world(d: Path, render: bool, fixed_options: bool = False, tally_counts: bool = False) -> dict[str, Any]:
         """The world's scenes and questions in ``d`` (the same for the world and chains stages unless the chains
         ask with fixed options, which draws other scenes)."""
         from valr.synth.dataset import make_world_dataset
@@ -1369,7 +1372,7 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
         return make_world_dataset(d, seed=c.seed, n_train=c.n_train, n_val=c.n_val, n_test=c.n_test,
                                   n_range=(c.n_min, c.n_max), n_views=c.n_views,
                                   world=WorldConfig(cell_tint=c.cell_tint), render=render,
-                                  fixed_options=fixed_options)
+                                  fixed_options=fixed_options, tally_counts=tally_counts)
 
     def do_world(d: Path):
         m = make_world(d, render=True)
@@ -1384,11 +1387,11 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
 
     def do_chains(d: Path):
         if c.fixed_options:  # other question draws take other scenes: render and shade them here
-            m = make_world(d, render=True, fixed_options=True)
+            m = make_world(d, render=True, fixed_options=True, tally_counts=c.tally_counts)
             shade_views(d, c.view_shade, c.cell_tint)
             n_images = sum(1 for _ in (d / "images").rglob("*.png"))
         else:
-            m = make_world(d, render=False)
+            m = make_world(d, render=False, tally_counts=c.tally_counts)
             n_images = link_images(wdir / "images", d / "images")
         _subset(d / "val.jsonl", d / "val_small.jsonl", min(c.n_val, 64))
         n_find = find_records(d, d / "find_val.jsonl", c.seed, items=(c.n_min, c.n_max), split="val")  # a probe
@@ -1397,8 +1400,8 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
 
     # the question records (same scenes and questions as the world's) in the current text format
     chains_key: dict[str, Any] = {"world": st.fps["world"], "text_format": FORMAT_VERSION}
-    if c.fixed_options:  # absent when off, as before the option existed
-        chains_key["fixed_options"] = True
+    chains_key.update({k: True for k in ("fixed_options", "tally_counts") if getattr(c, k)})  # absent when off, as
+    # before the options existed
     st.run("chains", chains_key, do_chains)
     cdir = out / "chains"
 
@@ -1814,7 +1817,8 @@ SEED_KEYS = ("seed", "data_fraction")
 # how a run whose results predate an option ran without it (older results.json files lack the key)
 ABSENT_MEANS: dict[str, Any] = {"fixed_options": False, "latent_feed": "hidden", "step_targets": "view",
                                 "center_targets": False, "latent_after": None, "find_oneview_steps": 0,
-                                "find_steps": 0, "vision_position_heads": False, "stage0_max_extensions": 0}
+                                "find_steps": 0, "vision_position_heads": False, "stage0_max_extensions": 0,
+                                "tally_counts": False}
 
 
 def merge_runs(paths: list[str | Path]) -> dict[str, dict[str, Any]]:

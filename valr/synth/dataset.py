@@ -83,7 +83,7 @@ def _record(q: Question, rid: str, images: list[Path], scene_name: str, seed: in
 def _generate_split(out_dir: Path, split: str, n: int, seed: int, cfg: WorldConfig, families: Sequence[str],
                     n_range: tuple[int, int], per_scene: int, seen: set[bytes], labels: dict[str, list[Any]],
                     pool: ThreadPoolExecutor, writes: list[Future[None]], render: bool = True,
-                    fixed_options: bool = False) -> tuple[list[Record], int]:
+                    question_kw: dict[str, bool] | None = None) -> tuple[list[Record], int]:
     rng = np.random.default_rng([seed, SPLITS.index(split), 1_000_003])
     plan = _plan(n, families, n_range, rng)
     records: list[Record] = []
@@ -104,7 +104,7 @@ def _generate_split(out_dir: Path, split: str, n: int, seed: int, cfg: WorldConf
         for _ in range(200):
             if scene is None or used >= per_scene:
                 scene, used, images = next_scene(), 0, []
-            q = make_question(scene, family, n_steps, rng, slot, fixed_options=fixed_options)
+            q = make_question(scene, family, n_steps, rng, slot, **(question_kw or {}))
             if q is not None:
                 break
             scene = None  # this scene cannot host the question: move on
@@ -151,7 +151,7 @@ def make_world_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 4000, 
                        n_test: int = 500, n_range: tuple[int, int] = (1, 10),
                        families: Sequence[str] = FAMILIES, image_size: int = 112, n_views: int = 4,
                        questions_per_scene: int = 4, world: WorldConfig | None = None, render: bool = True,
-                       fixed_options: bool = False) -> dict[str, Any]:
+                       fixed_options: bool = False, tally_counts: bool = False) -> dict[str, Any]:
     """Generate (or reuse) the world dataset in ``out_dir`` and return its manifest.
 
     Cached: when ``out_dir/manifest.json`` records the same config and the files exist, nothing is rewritten;
@@ -162,6 +162,7 @@ def make_world_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 4000, 
     questions in the current text format, for a directory that gets its images from an existing world.
     ``fixed_options``: chase and tally with fixed options (:mod:`valr.synth.questions`); question sampling then
     takes other draws, so such a directory needs its own images (another world's scenes would not match).
+    ``tally_counts``: tally's steps keep the tally (``..., red 2``); the same scenes and questions as without it.
     """
     out = Path(out_dir).resolve()
     families = tuple(families)
@@ -178,8 +179,8 @@ def make_world_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 4000, 
         "families": list(families), "questions_per_scene": questions_per_scene,
         "world": dataclasses.asdict(cfg),
     }
-    if fixed_options:  # absent when off, so existing worlds keep their cache key
-        config["fixed_options"] = True
+    question_kw = {"fixed_options": fixed_options, "tally_counts": tally_counts}
+    config.update({k: True for k, on in question_kw.items() if on})  # absent when off: worlds keep their cache key
     manifest_path = out / "manifest.json"
     files = [f"{s}.jsonl" for s in SPLITS] + ["labels.npz", "tokenizer/tokenizer.json"]
     if not render:
@@ -204,7 +205,7 @@ def make_world_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 4000, 
     # PNG encoding and file creation dominate the run time and release the GIL: overlap them in threads.
     with ThreadPoolExecutor(max_workers=4) as pool:
         per_split = {split: _generate_split(out, split, counts[split], seed, cfg, families, (lo, hi),
-                                            questions_per_scene, seen, labels, pool, writes, render, fixed_options)
+                                            questions_per_scene, seen, labels, pool, writes, render, question_kw)
                      for split in SPLITS}
         for w in writes:
             w.result()  # re-raise any write error
@@ -290,11 +291,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--image-size", type=int, default=112)
     ap.add_argument("--fixed-options", action="store_true",
                     help="chase and tally with the same four options in every question (like where's quadrants)")
+    ap.add_argument("--tally-counts", action="store_true",
+                    help="tally's steps keep the tally (`#2 view 1 row 2 col 3: small red ball, red 2`)")
     args = ap.parse_args(argv)
     m = make_world_dataset(args.out_dir, seed=args.seed, n_train=args.n_train, n_val=args.n_val,
                            n_test=args.n_test, n_range=(args.n_min, args.n_max),
                            families=tuple(args.families.split(",")), image_size=args.image_size,
-                           fixed_options=args.fixed_options)
+                           fixed_options=args.fixed_options, tally_counts=args.tally_counts)
     print(json.dumps({k: m[k] for k in ("n_scenes", "tokenizer_vocab_size", "avg_tokens_per_step")}))
 
 

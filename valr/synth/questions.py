@@ -27,6 +27,10 @@ question, so the letter follows from a right chain without searching the option 
 model answered chase and tally at chance after right chains: docs/results.md item 31): chase asks "which row is
 the last object in?" (``A. row 1`` .. ``D. row 4``; the answer's row is balanced like where's quadrant) and tally's
 options are the first four colours (``A. red`` .. ``D. cyan``), its most common colour always one of them.
+With ``tally_counts`` each tally step also keeps the tally: ``#3 view 1 row 2 col 2: small red ball, red 2`` (the
+objects of that colour read so far), so the most common colour is the one beside the largest count, a lookup
+rather than a count over the whole chain that no step writes out (the letter followed 57% of right tally chains
+without it: docs/results.md item 39). The same questions and scenes either way; only the step text differs.
 
 Text uses a small closed vocabulary (see :func:`vocabulary`) and 1-based coordinates; a lookup step reads
 ``#2 view 2 row 1 col 3: large red cube`` (by address) or ``#2 view 2 red at row 1 col 3: large red cube`` (by
@@ -122,6 +126,17 @@ def marked_steps(scene: Scene, path: Sequence[Cell], keys: Sequence[str | None] 
     keys = list(keys) if keys is not None else [None] * len(path)
     return tuple(ChainStep(lookup_text(scene, p, i + 1, k), p[0])
                  for i, (p, k) in enumerate(zip(path, keys, strict=True)))
+
+
+def tally_steps(scene: Scene, path: Sequence[Cell]) -> tuple[ChainStep, ...]:
+    """Lookup steps along ``path`` that keep the tally: ``#2 view 2 row 1 col 3: large red cube, red 2``."""
+    seen: Counter[str] = Counter()
+    out = []
+    for step, (v, r, c) in zip(marked_steps(scene, path), path, strict=True):
+        colour = COLOURS[int(scene.colour[v, r, c])]
+        seen[colour] += 1
+        out.append(ChainStep(f"{step.text}, {colour} {seen[colour]}", step.view))
+    return tuple(out)
 
 
 def move_keys(scene: Scene, path: Sequence[Cell], moves: Sequence[tuple[str, int]]) -> list[str | None]:
@@ -389,9 +404,11 @@ def make_count(scene: Scene, n_steps: int, rng: np.random.Generator, slot: int =
 
 
 def make_tally(scene: Scene, n_steps: int, rng: np.random.Generator, slot: int, tries: int = 200,
-               fixed: bool = False) -> Question | None:
+               fixed: bool = False, counts: bool = False) -> Question | None:
     """Read ``n_steps`` distinct occupied cells (consecutive ones in different views); unique modal colour.
-    ``fixed``: the options are ``TALLY_COLOURS`` and the most common colour is ``TALLY_COLOURS[slot]``."""
+    ``fixed``: the options are ``TALLY_COLOURS`` and the most common colour is ``TALLY_COLOURS[slot]``.
+    ``counts``: every step keeps the tally (:func:`tally_steps`)."""
+    write_steps = tally_steps if counts else marked_steps
     occupied = [(w, r, c) for w in range(scene.n_views) for r, c in scene.cells(w)]
     if len(occupied) < n_steps:
         return None
@@ -414,7 +431,7 @@ def make_tally(scene: Scene, n_steps: int, rng: np.random.Generator, slot: int, 
             if COLOURS[mode] != TALLY_COLOURS[slot]:
                 continue
             text = "\n".join([read_line(picks), "which colour is most common?", _mc_block(TALLY_COLOURS)])
-            return Question("tally", "mc", text, marked_steps(scene, picks), LETTERS[slot], COLOURS[mode],
+            return Question("tally", "mc", text, write_steps(scene, picks), LETTERS[slot], COLOURS[mode],
                             TALLY_COLOURS)
         seen = [k for k, _ in ranked[1:]]
         unseen = [k for k in range(len(COLOURS)) if k not in counts]
@@ -422,7 +439,7 @@ def make_tally(scene: Scene, n_steps: int, rng: np.random.Generator, slot: int, 
         distract += [unseen[int(i)] for i in rng.permutation(len(unseen))]
         options = _place(COLOURS[mode], [COLOURS[k] for k in distract], slot)
         text = "\n".join([read_line(picks), "which colour is most common?", _mc_block(options)])
-        steps = marked_steps(scene, picks)
+        steps = write_steps(scene, picks)
         return Question("tally", "mc", text, steps, LETTERS[slot], COLOURS[mode], options)
     return None
 
@@ -437,12 +454,13 @@ _MAKERS = {"chase": make_chase, "where": make_where, "count": make_count, "tally
 
 
 def make_question(scene: Scene, family: str, n_steps: int, rng: np.random.Generator, slot: int = 0,
-                  fixed_options: bool = False) -> Question | None:
+                  fixed_options: bool = False, tally_counts: bool = False) -> Question | None:
     """A question of ``family`` with exactly ``n_steps`` steps, or None if this scene cannot host one.
 
     ``slot`` (0..3) is the index of the correct option for multiple-choice families (for ``where`` it is the
     answer quadrant); callers cycle it to balance answer letters. Ignored for numeric families.
-    ``fixed_options``: chase and tally with the same four options in every question (module docstring).
+    ``fixed_options``: chase and tally with the same four options in every question; ``tally_counts``: tally's
+    steps keep the tally (module docstring).
     """
     if family not in _MAKERS:
         raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
@@ -450,8 +468,10 @@ def make_question(scene: Scene, family: str, n_steps: int, rng: np.random.Genera
         raise ValueError("n_steps must be >= 1")
     if not 0 <= slot < len(LETTERS):
         raise ValueError(f"slot must be in 0..{len(LETTERS) - 1}")
-    if fixed_options and family in ("chase", "tally"):
-        return _MAKERS[family](scene, n_steps, rng, slot, fixed=True)
+    if family == "tally":
+        return make_tally(scene, n_steps, rng, slot, fixed=fixed_options, counts=tally_counts)
+    if fixed_options and family == "chase":
+        return make_chase(scene, n_steps, rng, slot, fixed=True)
     return _MAKERS[family](scene, n_steps, rng, slot)
 
 

@@ -30,9 +30,10 @@ class UnsolvableQuestion(ValueError):
 class Expected:
     """What one step must establish: a lookup (view, row, col) or a count (view, attribute word, running total).
 
-    All 0-based; ``row``/``col`` are None for counts, ``word``/``total`` None for lookups. ``key`` is what a lookup
-    by content searched for (a colour or shape word, or "colour shape"), which its step restates; None for a
-    lookup by address.
+    All 0-based; ``row``/``col`` are None for counts, ``word``/``total`` None for lookups except tally's, where they
+    are the colour read and how many of that colour the chain has read so far (a step may keep that tally:
+    ``..., red 2``). ``key`` is what a lookup by content searched for (a colour or shape word, or "colour
+    shape"), which its step restates; None for a lookup by address.
     """
 
     view: int
@@ -54,7 +55,8 @@ class Solution:
 _OPTION = re.compile(r"^([A-Z])\. (.+)$")
 _CELL = r"view (\d+) row (\d+) col (\d+)"
 _MOVE = re.compile(r"^#(\d+) (colour|shape|cell) view (\d+)$")
-_LOOKUP_STEP = re.compile(r"^#(\d+) view (\d+) (?:(\w+(?: \w+)?) at )?row (\d+) col (\d+): (\w+) (\w+) (\w+)$")
+_LOOKUP_STEP = re.compile(r"^#(\d+) view (\d+) (?:(\w+(?: \w+)?) at )?row (\d+) col (\d+): (\w+) (\w+) (\w+)"
+                          r"(?:, (\w+) (\d+))?$")
 _COUNT_STEP = re.compile(r"^#(\d+) view (\d+) (\w+): (\d+), total (\d+)$")
 
 
@@ -201,6 +203,7 @@ def _solve_tally(scene: Scene, lines: list[str]) -> Solution:
             or not lines[0].endswith("."):
         raise UnsolvableQuestion("not a tally question")
     trace, colours = [], []
+    seen: Counter[str] = Counter()
     for i, part in enumerate(lines[0][len("read "):-1].split(", ")):
         m = re.fullmatch(rf"#(\d+) {_CELL}", part)
         if not m:
@@ -209,7 +212,8 @@ def _solve_tally(scene: Scene, lines: list[str]) -> Solution:
         v, r, c = _view(scene, m.group(2)), _coord(scene, m.group(3)), _coord(scene, m.group(4))
         _describe(scene, v, r, c)
         colours.append(COLOURS[scene.colour[v, r, c]])
-        trace.append(Expected(v, r, c))
+        seen[colours[-1]] += 1
+        trace.append(Expected(v, r, c, word=colours[-1], total=seen[colours[-1]]))
     ranked = Counter(colours).most_common()
     if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
         raise UnsolvableQuestion(f"no unique most common colour: {ranked}")
@@ -245,6 +249,7 @@ def check_steps(scene: Scene, question: str, steps: Sequence[tuple[str, int | No
     except UnsolvableQuestion as e:
         return [f"question: {e}"]
     errors = []
+    kept: dict[int, bool] = {}  # tally step number -> does it keep the tally (all of a chain's steps or none)
     if len(steps) != len(sol.trace):
         errors.append(f"chain has {len(steps)} steps, the question needs {len(sol.trace)}")
     for i, ((text, target), exp) in enumerate(zip(steps, sol.trace, strict=False)):
@@ -267,6 +272,12 @@ def check_steps(scene: Scene, question: str, steps: Sequence[tuple[str, int | No
             said = " ".join(m.group(6, 7, 8))
             if said != _describe(scene, v, r, c):
                 errors.append(f"{where}: the cell holds {_describe(scene, v, r, c)!r}")
+            if m.group(9) is not None and sol.family != "tally":
+                errors.append(f"{where}: keeps a tally ({m.group(9)} {m.group(10)}), which only tally steps do")
+            elif sol.family == "tally":
+                kept[i + 1] = m.group(9) is not None
+                if kept[i + 1] and (m.group(9), int(m.group(10))) != (exp.word, exp.total):
+                    errors.append(f"{where}: the tally should read {exp.word} {exp.total}")
         else:
             v, word, n, total = int(m.group(2)) - 1, m.group(3), int(m.group(4)), int(m.group(5))
             if (v, word) != (exp.view, exp.word):
@@ -278,6 +289,8 @@ def check_steps(scene: Scene, question: str, steps: Sequence[tuple[str, int | No
                 errors.append(f"{where}: running total should be {exp.total}")
         if target != exp.view:
             errors.append(f"{where}: target image {target} is not the view it looks at ({exp.view})")
+    if any(kept.values()) and not all(kept.values()):
+        errors.append(f"steps {[i for i, k in kept.items() if not k]} do not keep the tally the other steps keep")
     return errors
 
 
