@@ -7,10 +7,13 @@ import torch
 from valr.data.collate import Batch
 
 
-def naive_feed(bb, h: torch.Tensor, how: str) -> torch.Tensor:
-    """What a latent slot is fed, written out: the hidden state, or it scaled to the embedding table's RMS."""
+def naive_feed(bb, h: torch.Tensor, how: str, slot_id: int | None = None) -> torch.Tensor:
+    """What a latent slot is fed, written out: the hidden state, it scaled to the embedding table's RMS, or (pause)
+    the slot token's own embedding, whatever the hidden state."""
     if how == "hidden":
         return h
+    if how == "pause":
+        return bb.model.get_input_embeddings().weight[slot_id]
     assert how == "embedding_rms"
     table = bb.model.get_input_embeddings().weight.detach()
     return h * (table.pow(2).mean().sqrt() / h.pow(2).mean().sqrt())
@@ -27,7 +30,7 @@ def naive_latent_forward(bb, single: Batch, layer: int, feed: str = "hidden"):
     slots = single.slot_positions(0)
     for s in slots:
         out = bb.decode(torch.stack(rows[:s])[None], pos[:, :, :s], mask[:, :s], None)
-        rows[s] = naive_feed(bb, out.last_hidden[0, -1], feed)
+        rows[s] = naive_feed(bb, out.last_hidden[0, -1], feed, int(ids[0, s]))
     out = bb.decode(torch.stack(rows)[None], pos, mask, None, layer)
     inputs = torch.stack([rows[s] for s in slots]) if slots else embeds[:0]
     return out.last_hidden[0], out.layer_hidden[0, slots], inputs
@@ -52,7 +55,7 @@ def naive_generate(bb, tok, latent, prompt_ids: list[int], images, policy: str, 
         out = bb.decode(torch.stack(rows)[None], pos[:, None], torch.ones(1, len(rows), dtype=torch.long), None)
         h = out.last_hidden[0, -1]
         if left > 0:
-            rows.append(naive_feed(bb, h, feed))
+            rows.append(naive_feed(bb, h, feed, latent.slot))
             fed.append(rows[-1])
             left -= 1
             close = left == 0

@@ -25,7 +25,7 @@ def _objective(bb, hidden, states, weight):
     return bb.logits(hidden).logsumexp(-1).sum() + (hidden * weight).sum() + (states ** 2).sum() * 0.1
 
 
-@pytest.mark.parametrize(("k", "feed"), [(1, "hidden"), (4, "hidden"), (4, "embedding_rms")])
+@pytest.mark.parametrize(("k", "feed"), [(1, "hidden"), (4, "hidden"), (4, "embedding_rms"), (4, "pause")])
 def test_exact_mode_matches_naive_reference(tiny, records, k, feed):
     model, tok, _, bb, latent = tiny
     bb.latent_feed = feed
@@ -77,7 +77,7 @@ def test_gradient_flows_through_the_recurrence(tiny, records):
     assert (grads["exact"] - grads["fast"]).abs().max() > 1e-4 * grads["exact"].abs().max()
 
 
-@pytest.mark.parametrize("feed", ["hidden", "embedding_rms"])
+@pytest.mark.parametrize("feed", ["hidden", "embedding_rms", "pause"])
 def test_fast_mode_equals_exact_mode_forward(tiny, records, feed):
     model, tok, _, bb, latent = tiny
     bb.latent_feed = feed
@@ -90,11 +90,33 @@ def test_fast_mode_equals_exact_mode_forward(tiny, records, feed):
     torch.testing.assert_close(fast.latent_inputs, exact.latent_inputs, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(fast.loss_ce, exact.loss_ce, atol=1e-5, rtol=1e-5)
     assert fast.n_label_tokens == exact.n_label_tokens
-    assert not fast.latent_inputs.requires_grad  # detached by design
+    assert not fast.latent_inputs.requires_grad or feed == "pause"  # fed-back states are detached by design
     with torch.no_grad():  # exact mode without grad runs its rounds on the append-only cache
         exact_no_grad = forward_latent(bb, batch, LAYER, "exact")
     torch.testing.assert_close(exact_no_grad.hidden[valid], exact.hidden[valid], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(exact_no_grad.latent_states, exact.latent_states, atol=1e-5, rtol=1e-4)
+
+
+def test_pause_feed_is_the_slot_embedding_and_both_modes_share_gradients(tiny, records):
+    """Pause tokens have no recurrence: every slot reads the slot token's embedding, which learns, and fast mode's
+    gradients are the exact ones (nothing is detached)."""
+    model, tok, _, bb, latent = tiny
+    bb.latent_feed = "pause"
+    batch = make_batch(records, tok, bb, LayoutConfig(k=4), latent)
+    params = list(_probe_params(model).values())
+    grads = {}
+    for mode in ("exact", "fast"):
+        out = forward_latent(bb, batch, LAYER, mode)
+        slot = model.get_input_embeddings().weight[latent.slot]
+        torch.testing.assert_close(out.latent_inputs, slot.expand_as(out.latent_inputs))
+        grads[mode] = torch.autograd.grad(out.loss_ce + out.latent_states.pow(2).mean(), params)
+    for name, g, r in zip(_probe_params(model), grads["fast"], grads["exact"], strict=True):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5, msg=f"gradient of {name}")
+    embed_grad = grads["exact"][list(_probe_params(model)).index("embed")]
+    assert embed_grad[latent.slot].abs().sum() > 0  # the pause embedding is trained
+    bb.latent_feed = "hidden"
+    fed_back = forward_latent(bb, batch, LAYER, "exact")
+    assert (fed_back.hidden - out.hidden).abs().max() > 1e-3  # the control really differs from feedback
 
 
 def test_no_slots_equals_plain_forward(tiny, records):

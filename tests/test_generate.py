@@ -57,6 +57,17 @@ def test_cached_generation_matches_full_recompute(tiny, image_dir, policy, batch
     assert sum(r.latent_segments for r in results) > 0  # latent mode was really exercised
 
 
+def test_cached_generation_with_pause_feed_matches_full_recompute(tiny, image_dir):
+    model, tok, _, bb, latent = tiny
+    bb.latent_feed = "pause"
+    gen = Generator(bb, tok)
+    cfg = GenerationConfig(max_new_tokens=14, latent_policy="force", k=4, return_latents=True)
+    results = _check_against_naive(bb, tok, latent, gen, _prompts(image_dir), cfg)
+    fed = torch.cat([torch.cat(r.latents) for r in results])
+    assert fed.shape[0] > 0
+    torch.testing.assert_close(fed, model.get_input_embeddings().weight[latent.slot].detach().expand_as(fed))
+
+
 def test_cached_generation_with_rescaled_feed_matches_full_recompute(tiny, image_dir):
     model, tok, _, bb, latent = tiny
     bb.latent_feed = "embedding_rms"

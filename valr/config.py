@@ -37,8 +37,9 @@ class ValrConfig:
     # which image it looks at) instead of before the step (the paper). None: the paper's layout. See
     # valr.data.layout; generation under latent policy "model" follows it (the model emits <latent> itself)
     latent_after: str | None = None
-    # what each latent slot is fed: "hidden" (the final post-norm hidden state as it is: the paper) or
-    # "embedding_rms" (that vector rescaled to the input embeddings' RMS; not in the paper). Saved with every
+    # what each latent slot is fed: "hidden" (the final post-norm hidden state as it is: the paper),
+    # "embedding_rms" (that vector rescaled to the input embeddings' RMS; not in the paper) or "pause" (nothing fed
+    # back: every slot keeps the slot token's learned embedding, K pause tokens; a control). Saved with every
     # checkpoint, so generation and evaluation of the model feed latents the way it was trained
     latent_feed: str = "hidden"
 

@@ -170,8 +170,8 @@ class DemoConfig:
     # multi-view data) or "focus" (what the step finds, drawn alone: valr.synth.focus, like the paper's
     # interleaved images); the text and every other variant are the same either way
     step_targets: str = "view"
-    # valr.latent_feed of the latent variants: "hidden" (the paper) or "embedding_rms" (fed latents rescaled to the
-    # token embeddings' scale; docs/results.md item 36)
+    # valr.latent_feed of the latent variants: "hidden" (the paper), "embedding_rms" (fed latents rescaled to the
+    # token embeddings' scale; docs/results.md item 36) or "pause" (no feedback: K learned pause tokens, a control)
     latent_feed: str = "hidden"
     valr_m: bool = False
     # the data-efficiency runs (stage 1 + VaLR-S on this fraction of the records) cost 8 of the full mode's 32

@@ -13,7 +13,9 @@ Two modes return the same forward values:
 * ``fast`` — one no-grad cached pass computes every slot's input, then a single full-sequence pass with those
   inputs (detached) computes all outputs. Gradients do not flow through the recurrence.
 
-Both return the alignment-layer hidden states at every slot, grouped per segment, for the REPA loss.
+Both return the alignment-layer hidden states at every slot, grouped per segment, for the REPA loss. Under
+``latent_feed: pause`` nothing is fed back (each slot keeps the slot token's embedding), so there is no recurrence:
+both modes are one full-sequence pass, exact in value and gradient, and the slot embedding learns.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from valr.backbones.base import Backbone, latent_feeder
+from valr.backbones.base import Backbone, feeds_back, latent_feeder
 from valr.data.collate import Batch
 from valr.data.layout import IGNORE
 
@@ -205,7 +207,15 @@ def forward_latent(backbone: Backbone, batch: Batch, layer: int, mode: Mode = "e
     embeds, positions = _inputs(backbone, batch)
     labels = batch.labels.to(embeds.device)
     batch_size, length, dim = embeds.shape
-    if mode == "exact":
+    if not feeds_back(backbone):
+        out = backbone.decode(embeds, positions, batch.attention_mask.to(embeds.device), None, layer)
+        hidden = out.last_hidden
+        slots = [batch.slot_positions(b) for b in range(batch_size)]
+        latent_states, owner = _group_segments(batch, [[out.layer_hidden[b, t] for t in ts]
+                                                        for b, ts in enumerate(slots)], dim, embeds)
+        latent_inputs, _ = _group_segments(batch, [[embeds[b, t] for t in ts] for b, ts in enumerate(slots)],
+                                           dim, embeds)
+    elif mode == "exact":
         finals, states, inputs = _run_rounds(backbone, batch, embeds, positions, layer,
                                               differentiable=torch.is_grad_enabled())
         hidden = torch.stack([F.pad(torch.cat(f, 0), (0, 0, 0, length - sum(x.shape[0] for x in f)))

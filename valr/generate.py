@@ -2,7 +2,8 @@
 
 Every sample advances one position per decoder call. A sample in text mode feeds the embedding of its next token;
 a sample in latent mode feeds back its own last final-layer hidden state for K positions (as it is, or rescaled
-to the embeddings' scale under ``latent_feed: embedding_rms``; see ``valr.backbones.base.latent_feeder``), after which
+to the embeddings' scale under ``latent_feed: embedding_rms``, or the slot token's embedding under ``pause``; see
+``valr.backbones.base.latent_feeder``), after which
 ``</latent>`` is appended and text resumes. When a sample enters latent mode depends on the policy:
 
 * ``model`` — when the model itself emits ``<latent>`` (what a stage-2 model learned to do before each step).
@@ -208,7 +209,7 @@ class Generator:
         cache, hidden = out.cache, out.last_hidden[:, -1]
         next_pos = positions[0, :, -1] + 1  # the last prompt token is text: same position on all axes
         embed = bb.model.get_input_embeddings()
-        feed = latent_feeder(bb)
+        feed = latent_feeder(bb, embed.weight[lat.slot].detach())
         step_end = self.step_end(cfg.step_delimiter).to(device)
         procs = self._processors(cfg)
         gen = torch.Generator(device=device)

@@ -118,8 +118,10 @@ class AppendOnlyLayer(DynamicLayer):
 # "hidden": the final post-norm hidden state as it is (the paper, Coconut). "embedding_rms": the same vector
 # rescaled to the root-mean-square of the input-embedding table, so fed latents sit at the scale of the token
 # embeddings the model reads everywhere else (not in the paper; in a pre-norm model the final hidden state is
-# usually many times larger, which peers report too).
-LATENT_FEEDS = ("hidden", "embedding_rms")
+# usually many times larger, which peers report too). "pause": nothing is fed back; every slot keeps the learned
+# embedding of the slot token, so the K positions are pause tokens (Goyal et al., 2024): the control that tells
+# what the feedback adds over K extra positions of computation.
+LATENT_FEEDS = ("hidden", "embedding_rms", "pause")
 
 
 def check_latent_feed(name: str) -> str:
@@ -128,14 +130,25 @@ def check_latent_feed(name: str) -> str:
     return name
 
 
-def latent_feeder(backbone: Backbone) -> Callable[[torch.Tensor], torch.Tensor]:
+def feeds_back(backbone: Backbone) -> bool:
+    """Whether a slot's input depends on the hidden state before it (False for pause tokens: no recurrence)."""
+    return check_latent_feed(getattr(backbone, "latent_feed", "hidden")) != "pause"
+
+
+def latent_feeder(backbone: Backbone, slot_embedding: torch.Tensor | None = None
+                  ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The map from final hidden states (..., D) to fed latent inputs under ``backbone.latent_feed``.
 
     Build it once per forward or generation call: the embedding scale is read from the weights then (and detached),
-    so a training step sees one constant scale and gradients flow through the per-vector rescaling only."""
+    so a training step sees one constant scale and gradients flow through the per-vector rescaling only. Pause
+    tokens ignore the hidden state and need ``slot_embedding`` (the slot token's input embedding, shape (D,))."""
     how = check_latent_feed(getattr(backbone, "latent_feed", "hidden"))
     if how == "hidden":
         return lambda h: h
+    if how == "pause":
+        if slot_embedding is None:
+            raise ValueError("latent_feed 'pause' feeds the slot token's embedding: pass slot_embedding")
+        return lambda h: slot_embedding.to(h.device, h.dtype).expand_as(h)
     weight = backbone.model.get_input_embeddings().weight.detach()
     target = weight.float().pow(2).mean().sqrt()
 
