@@ -108,8 +108,9 @@ def test_demo_quick_writes_documented_files(tmp_path):
     assert again["stage_seconds"] == res["stage_seconds"]
     assert secs < 60
 
-    # focus targets: only the aligned variants (and what reads them) train again, on the focus records
-    _run(out, "--seed", "3", "step_targets=focus")
+    # focus targets: only the aligned variants (and what reads them) train again, on the focus records; here one
+    # after another in this process (variant_workers=1; the runs above trained them two at a time)
+    _run(out, "--seed", "3", "step_targets=focus", "variant_workers=1")
     focus = json.loads((out / "results.json").read_text())
     assert {"stage1", "sft", "latent_no_align", "teacher"} <= set(focus["reused_stages"])
     assert not {"focus", "valr_s", "valr_m"} & set(focus["reused_stages"])

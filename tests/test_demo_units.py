@@ -4,6 +4,7 @@ the targets and the multi-seed summary."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -439,3 +440,28 @@ def test_run_seeds_summarises_each_seeds_results_with_their_length_pairs(tmp_pat
     assert summary["seeds"] == [0, 1] and summary["means"]["sft"]["accuracy"] == pytest.approx(0.5)
     assert summary["runs"]["0"]["length_pairs"] == {"sft": {"tokens": [12, 30], "scores": [1.0, 0.0]}}
     assert json.loads((tmp_path / "summary.json").read_text()) == json.loads((tmp_path / "copy.json").read_text())
+
+
+def _stage_job(tag: str, d):
+    """A stand-in training stage for ``Stages.run_parallel`` (module level, so a spawned process can run it)."""
+    if tag == "bad":
+        raise ValueError("bad stage")
+    (d / "run").mkdir()
+    (d / "run" / "history.jsonl").write_text('{"step": 1}\n')
+    return {"tag": tag, "pid": os.getpid()}
+
+
+def test_parallel_stages_keep_the_finished_ones_and_raise_the_failure(tmp_path):
+    import functools
+
+    from valr.demo import Stages
+
+    jobs = [(n, {"steps": 1, "n": n}, functools.partial(_stage_job, n)) for n in ("a", "bad", "b")]
+    with pytest.raises(ValueError, match="bad stage"):
+        Stages(tmp_path).run_parallel(jobs, 2)
+    assert (tmp_path / "a" / "done.json").is_file() and (tmp_path / "b" / "done.json").is_file()
+    assert not (tmp_path / "bad" / "done.json").exists()
+    again = Stages(tmp_path)
+    res = again.run_parallel([j for j in jobs if j[0] != "bad"], 2)
+    assert {n: r["tag"] for n, r in res.items()} == {"a": "a", "b": "b"} and sorted(again.reused) == ["a", "b"]
+    assert os.getpid() not in {r["pid"] for r in res.values()}  # they ran in other processes

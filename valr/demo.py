@@ -46,6 +46,7 @@ pipeline at toy sizes (a smoke test: its accuracies mean nothing).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -154,6 +155,11 @@ class DemoConfig:
     projector_lr: float = 1e-3
     warmup_ratio: float = 0.05
     num_workers: int = 1
+    # the variants (SFT, latents without alignment, VaLR-S, ...) train from the same stage 1 and do not depend on
+    # each other: this many train at once, each in its own process with an equal share of the CPU threads (on 2
+    # cores one thread each nearly halves their wall time: a single-thread step of this size is almost as fast as a
+    # two-thread one; docs/benchmarks.md). 1: one after another in this process. Not part of any cache key.
+    variant_workers: int = 2
     # VaLR (recipe 4, docs/results.md seventh session): K = 16 latents, one per cell of the 4 x 4 grid (with K = 4
     # a 2 x 2 grid stands for 16 cells); aligned at the last layer, to centred teacher features (raw targets sat
     # at the mean-feature plateau in every setting tried); each segment after the step's head, which names the
@@ -242,6 +248,9 @@ class DemoConfig:
                 data[f.name] = float(value)
         data["teacher"] = build_dataclass(TeacherTrainConfig, data["teacher"], "demo override teacher")
         data["test_ks"] = tuple(data["test_ks"])
+        if data["variant_workers"] < 1:
+            raise ConfigError(f"demo override variant_workers={data['variant_workers']}: expected 1 or more "
+                              "(1 trains the variants one after another)")
         if data["step_targets"] not in STEP_TARGETS:
             raise ConfigError(f"demo override step_targets={data['step_targets']!r}: expected one of {STEP_TARGETS}")
         from valr.backbones.base import LATENT_FEEDS
@@ -278,6 +287,73 @@ class Stages:
         self.fps: dict[str, str] = {}
 
     def run(self, name: str, key: dict[str, Any], fn) -> Any:
+        found, d = self._open(name, key)
+        if d is None:
+            return found
+        _log(f"{name}: running")
+        t0 = time.perf_counter()
+        result = fn(d)
+        return self._close(name, d, result, time.perf_counter() - t0)
+
+    def run_parallel(self, jobs: list[tuple[str, dict[str, Any], Callable[[Path], Any]]], workers: int) -> dict:
+        """``run`` for independent stages, ``workers`` at a time, each in a fresh process with an equal share of
+        this process's CPU threads. ``fn`` must be picklable (a module-level function or a ``functools.partial``
+        of one); it runs without its own progress bar, and one bar per running stage here follows the
+        ``run/history.jsonl`` its trainer writes after every step (``total`` in the job's key: ``steps``).
+        Finished stages are kept if another fails; the first failure is raised after the rest are done."""
+        import multiprocessing
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        import torch
+        from tqdm import tqdm
+
+        results: dict[str, Any] = {}
+        todo = []
+        for name, key, fn in jobs:
+            found, d = self._open(name, key)
+            if d is None:
+                results[name] = found
+            else:
+                todo.append((name, key, fn, d))
+        if not todo:
+            return results
+        threads = max(1, torch.get_num_threads() // workers)
+        _log(f"{', '.join(n for n, *_ in todo)}: running, {workers} at a time, {threads} thread(s) each")
+        errors: list[BaseException] = []
+        ctx = multiprocessing.get_context("spawn")  # no forked copies of this process's torch threads or state
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_set_threads,
+                                 initargs=(threads,)) as pool:
+            pending = {pool.submit(_timed, fn, d): (name, key, d) for name, key, fn, d in todo}
+            bars: dict[str, Any] = {}
+            while pending:
+                done, _ = wait(pending, timeout=5, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    name, _, d = pending.pop(fut)
+                    if name in bars:
+                        bars.pop(name).close()
+                    try:
+                        result, secs = fut.result()
+                    except BaseException as exc:  # keep the others running; report after
+                        _log(f"{name}: failed: {exc!r}")
+                        errors.append(exc)
+                        continue
+                    results[name] = self._close(name, d, result, secs)
+                for name, key, d in pending.values():
+                    step = _history_step(d / "run" / "history.jsonl")
+                    if step is None:
+                        continue
+                    if name not in bars:
+                        bars[name] = tqdm(total=key.get("steps"), desc=name, unit="step", file=sys.stderr,
+                                          dynamic_ncols=True)
+                    bars[name].update(step - bars[name].n)
+            for bar in bars.values():
+                bar.close()
+        if errors:
+            raise errors[0]
+        return results
+
+    def _open(self, name: str, key: dict[str, Any]) -> tuple[Any, Path | None]:
+        """(the finished stage's result, None), or (None, its fresh or resumable directory)."""
         d = self.root / name
         fp = _fingerprint({"format": FORMAT, "key": key})
         self.fps[name] = fp
@@ -288,22 +364,49 @@ class Stages:
                 self.seconds[name] = done["seconds"]
                 self.reused.append(name)
                 _log(f"{name}: reusing the finished stage ({done['seconds']:.0f} s when it ran)")
-                return done["result"]
+                return done["result"], None
         key_file = d / "key.json"
         if d.exists() and (not key_file.is_file() or json.loads(key_file.read_text()).get("fingerprint") != fp):
             shutil.rmtree(d)
         d.mkdir(parents=True, exist_ok=True)
         key_file.write_text(json.dumps({"fingerprint": fp, "key": key}, indent=2, default=str))
-        _log(f"{name}: running")
-        t0 = time.perf_counter()
-        result = fn(d)
-        secs = time.perf_counter() - t0
+        return None, d
+
+    def _close(self, name: str, d: Path, result: Any, secs: float) -> Any:
         self.seconds[name] = secs
+        marker = d / "done.json"
         tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"fingerprint": fp, "seconds": secs, "result": result}, indent=2, default=str))
+        tmp.write_text(json.dumps({"fingerprint": self.fps[name], "seconds": secs, "result": result}, indent=2,
+                                  default=str))
         tmp.replace(marker)
         _log(f"{name}: done in {secs:.0f} s")
         return result
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def _timed(fn: Callable[[Path], Any], d: Path) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    result = fn(d)
+    return result, time.perf_counter() - t0
+
+
+def _history_step(path: Path) -> int | None:
+    """The last step a trainer logged to its history.jsonl (None before the first)."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line being written
+    return None
 
 
 # -------------------------------------------------------------------------------------------- data helpers
@@ -857,6 +960,11 @@ def _train(cfg: DemoConfig, out: Path, *, model: Path, data: Path, stage: int, s
     torch.manual_seed(cfg.seed)
     final = train(tcfg, resume=True)
     return {"checkpoint": str(final), **_history_summary(out / "run")}
+
+
+def _train_at(cfg: DemoConfig, out: Path, **kwargs) -> dict[str, Any]:
+    """``_train`` with the stage directory as the last argument, for ``functools.partial`` jobs."""
+    return _train(cfg, out, **kwargs)
 
 
 def _history_summary(run_dir: Path) -> dict[str, Any]:
@@ -1484,14 +1592,15 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
         st.run("focus", {"chains": st.fps["chains"], "view_shade": c.view_shade, "v": 1}, do_focus)
         aligned_dir = out / "focus"
 
+    jobs: list[tuple[str, dict[str, Any], Callable[[Path], Any]]] = []  # the variants, trained together below
+
     def variant(name: str, up: str, stage: int, lam: float, teachers: list, fraction: float = 1.0):
         ddir = aligned_dir if teachers else cdir
-
-        def fn(d: Path):
-            return _train(c, d, model=Path(training[up]["checkpoint"]), data=ddir / "train.jsonl", stage=stage,
-                          steps=c.stage2_steps, lr=c.stage2_lr, lambda_align=lam, teachers=teachers,
-                          data_fraction=fraction, val_data=ddir / "val_small.jsonl" if stage == 2 else None,
-                          progress=progress)
+        fn = functools.partial(_train_at, c, model=Path(training[up]["checkpoint"]), data=ddir / "train.jsonl",
+                               stage=stage, steps=c.stage2_steps, lr=c.stage2_lr, lambda_align=lam,
+                               teachers=teachers, data_fraction=fraction,
+                               val_data=ddir / "val_small.jsonl" if stage == 2 else None,
+                               progress=progress and c.variant_workers == 1)
         key = {"up": st.fps[up], "stage": stage, "lambda": lam, "teachers": [dataclasses.asdict(t) for t in teachers],
                "steps": c.stage2_steps, "lr": c.stage2_lr, "projector_lr": c.projector_lr, "fraction": fraction,
                "teacher_fp": st.fps["teacher"] if teachers else None}
@@ -1499,7 +1608,10 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
             key["latent"] = latent_key
         if teachers and c.step_targets != "view":  # absent for view targets, as before the option existed
             key["targets"] = st.fps["focus"]
-        training[name] = st.run(name, key, fn)
+        if c.variant_workers == 1:
+            training[name] = st.run(name, key, fn)
+        else:
+            jobs.append((name, key, fn))
 
     from valr.teachers import TeacherSpec
 
@@ -1514,6 +1626,9 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
         stage1(f"stage1_{tag}", c.data_fraction)
         frac_name = f"valr_s_{tag}"
         variant(frac_name, f"stage1_{tag}", 2, c.lambda_align, [percept], c.data_fraction)
+    if jobs:  # longest first, so the short ones fill in beside them
+        jobs.sort(key=lambda j: (j[1]["stage"], bool(j[1]["teachers"])), reverse=True)
+        training.update(st.run_parallel(jobs, c.variant_workers))
 
     # 6. evaluation
     test_file = cdir / f"{c.eval_split}.jsonl"
@@ -1817,7 +1932,7 @@ def load_run(results: dict[str, Any], run_dir: Path | None = None) -> dict[str, 
 # and data_fraction, which only adds the data-efficiency runs (stage 1 + VaLR-S on a fraction of the records) beside
 # the same variants; the summary averages each fraction over the seeds that ran it (a seed of the full recipe takes
 # about three hours on 2 cores, the fraction runs about 80 minutes more, so a session may leave them out)
-SEED_KEYS = ("seed", "data_fraction")
+SEED_KEYS = ("seed", "data_fraction", "variant_workers")  # variant_workers: how, not what
 # how a run whose results predate an option ran without it (older results.json files lack the key)
 ABSENT_MEANS: dict[str, Any] = {"fixed_options": False, "latent_feed": "hidden", "step_targets": "view",
                                 "center_targets": False, "latent_after": None, "find_oneview_steps": 0,
