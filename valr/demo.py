@@ -297,10 +297,11 @@ class Stages:
 
     def run_parallel(self, jobs: list[tuple[str, dict[str, Any], Callable[[Path], Any]]], workers: int) -> dict:
         """``run`` for independent stages, ``workers`` at a time, each in a fresh process with an equal share of
-        this process's CPU threads. ``fn`` must be picklable (a module-level function or a ``functools.partial``
-        of one); it runs without its own progress bar, and one bar per running stage here follows the
-        ``run/history.jsonl`` its trainer writes after every step (``total`` in the job's key: ``steps``).
-        Finished stages are kept if another fails; the first failure is raised after the rest are done."""
+        this process's CPU threads (all of them for a lone stage). ``fn`` must be picklable (a module-level
+        function or a ``functools.partial`` of one); it runs without its own progress bar, and one bar per running
+        stage here follows the ``run/history.jsonl`` its trainer writes after every step (``total`` in the job's
+        key: ``steps``). Finished stages are kept if another fails; the first failure is raised after the rest
+        are done."""
         import multiprocessing
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
@@ -317,6 +318,7 @@ class Stages:
                 todo.append((name, key, fn, d))
         if not todo:
             return results
+        workers = min(workers, len(todo))  # a lone stage gets every thread
         threads = max(1, torch.get_num_threads() // workers)
         _log(f"{', '.join(n for n, *_ in todo)}: running, {workers} at a time, {threads} thread(s) each")
         errors: list[BaseException] = []
