@@ -397,6 +397,8 @@ def test_merge_pairs_the_data_fraction_target_with_the_seeds_that_ran_it(tmp_pat
     without = _seed_run(1, 0.6)
     without["config"]["data_fraction"] = 0.0
     del without["variants"]["valr_s"]["data_fraction"]["0.25"]
+    with_frac["config"].pop("variant_workers", None)  # a run from before the option, one after another
+    without["config"]["variant_workers"] = 2  # how the variants ran is not part of the recipe
     runs = merge_runs([_write_run(tmp_path / "a", with_frac), _write_run(tmp_path / "b", without)])
     s = summarize(runs)
     frac = s["means"]["valr_s"]["data_fraction"]

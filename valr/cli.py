@@ -239,8 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "data_fraction=0.25; VaLR-M with the model's own vision tower as second teacher in --quick, "
                     "off in the full budget), "
                     "evaluate them on the test split and write OUT/results.json, OUT/report.md and OUT/figures/. "
-                    "Every finished stage is cached under OUT, so a rerun reuses it. Full mode: about three hours "
-                    "on 2 CPU cores (over the 30-minute aim, docs/results.md); --quick: a smoke run of a "
+                    "Every finished stage is cached under OUT, so a rerun reuses it. The variants train two at a "
+                    "time (variant_workers=2). Full mode: about two and a half hours on 2 CPU cores (over the "
+                    "30-minute aim, docs/results.md); --quick: a smoke run of a "
                     "few minutes whose accuracies mean nothing.")
     d.add_argument("--quick", action="store_true", help="toy sizes: checks the pipeline, makes no accuracy claims")
     d.add_argument("--out", default="runs/demo", help="output directory (stages cached here; default runs/demo)")

@@ -1933,8 +1933,9 @@ def load_run(results: dict[str, Any], run_dir: Path | None = None) -> dict[str, 
 # keys of the config that may differ between the seeds of one study (everything else is the recipe): the seed,
 # and data_fraction, which only adds the data-efficiency runs (stage 1 + VaLR-S on a fraction of the records) beside
 # the same variants; the summary averages each fraction over the seeds that ran it (a seed of the full recipe takes
-# about three hours on 2 cores, the fraction runs about 80 minutes more, so a session may leave them out)
-SEED_KEYS = ("seed", "data_fraction", "variant_workers")  # variant_workers: how, not what
+# about three hours on 2 cores with its variants one after another, the fraction runs about an hour more, so a
+# session may leave them out); and variant_workers, which says how the variants ran, not what they are
+SEED_KEYS = ("seed", "data_fraction", "variant_workers")
 # how a run whose results predate an option ran without it (older results.json files lack the key)
 ABSENT_MEANS: dict[str, Any] = {"fixed_options": False, "latent_feed": "hidden", "step_targets": "view",
                                 "center_targets": False, "latent_after": None, "find_oneview_steps": 0,
