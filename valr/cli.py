@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "off in the full budget), "
                     "evaluate them on the test split and write OUT/results.json, OUT/report.md and OUT/figures/. "
                     "Every finished stage is cached under OUT, so a rerun reuses it. The variants train two at a "
-                    "time (variant_workers=2). Full mode: about two and a half hours on 2 CPU cores (over the "
+                    "time (variant_workers=2). Full mode: about 2 hours 40 minutes on 2 CPU cores (over the "
                     "30-minute aim, docs/results.md); --quick: a smoke run of a "
                     "few minutes whose accuracies mean nothing.")
     d.add_argument("--quick", action="store_true", help="toy sizes: checks the pipeline, makes no accuracy claims")

@@ -157,8 +157,8 @@ class DemoConfig:
     num_workers: int = 1
     # the variants (SFT, latents without alignment, VaLR-S, ...) train from the same stage 1 and do not depend on
     # each other: this many train at once, each in its own process with an equal share of the CPU threads (on 2
-    # cores a one-thread stage-2 step beside another run took no longer than a two-thread step alone: docs/results.md
-    # item 48; bench/variant_workers.py). 1: one after another in this process. Not part of any cache key.
+    # cores two one-thread processes do 1.16-1.18 times the stage-2 steps per second of one two-thread process:
+    # bench/variant_workers.py, docs/benchmarks.md). 1: one after another in this process. Not part of any cache key.
     variant_workers: int = 2
     # VaLR (recipe 4, docs/results.md seventh session): K = 16 latents, one per cell of the 4 x 4 grid (with K = 4
     # a 2 x 2 grid stands for 16 cells); aligned at the last layer, to centred teacher features (raw targets sat
