@@ -57,24 +57,25 @@ def test_cached_generation_matches_full_recompute(tiny, image_dir, policy, batch
     assert sum(r.latent_segments for r in results) > 0  # latent mode was really exercised
 
 
-def test_cached_generation_with_pause_feed_matches_full_recompute(tiny, image_dir):
+def _fed_under(tiny, image_dir, feed):
+    """Forced-latent generation under ``feed``, checked against full recomputation; the fed vectors, stacked."""
     model, tok, _, bb, latent = tiny
-    bb.latent_feed = "pause"
-    gen = Generator(bb, tok)
+    bb.latent_feed = feed
     cfg = GenerationConfig(max_new_tokens=14, latent_policy="force", k=4, return_latents=True)
-    results = _check_against_naive(bb, tok, latent, gen, _prompts(image_dir), cfg)
-    fed = torch.cat([torch.cat(r.latents) for r in results])
+    results = _check_against_naive(bb, tok, latent, Generator(bb, tok), _prompts(image_dir), cfg)
+    return torch.cat([torch.cat(r.latents) for r in results])
+
+
+def test_cached_generation_with_pause_feed_matches_full_recompute(tiny, image_dir):
+    model, latent = tiny[0], tiny[4]
+    fed = _fed_under(tiny, image_dir, "pause")
     assert fed.shape[0] > 0
     torch.testing.assert_close(fed, model.get_input_embeddings().weight[latent.slot].detach().expand_as(fed))
 
 
 def test_cached_generation_with_rescaled_feed_matches_full_recompute(tiny, image_dir):
-    model, tok, _, bb, latent = tiny
-    bb.latent_feed = "embedding_rms"
-    gen = Generator(bb, tok)
-    cfg = GenerationConfig(max_new_tokens=14, latent_policy="force", k=4, return_latents=True)
-    results = _check_against_naive(bb, tok, latent, gen, _prompts(image_dir), cfg)
-    fed = torch.cat([torch.cat(r.latents) for r in results])
+    model = tiny[0]
+    fed = _fed_under(tiny, image_dir, "embedding_rms")
     table_rms = model.get_input_embeddings().weight.detach().pow(2).mean().sqrt()
     torch.testing.assert_close(fed.pow(2).mean(-1).sqrt(), torch.full((fed.shape[0],), float(table_rms)),
                                atol=1e-6, rtol=1e-5)

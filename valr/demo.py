@@ -964,11 +964,6 @@ def _train(cfg: DemoConfig, out: Path, *, model: Path, data: Path, stage: int, s
     return {"checkpoint": str(final), **_history_summary(out / "run")}
 
 
-def _train_at(cfg: DemoConfig, out: Path, **kwargs) -> dict[str, Any]:
-    """``_train`` with the stage directory as the last argument, for ``functools.partial`` jobs."""
-    return _train(cfg, out, **kwargs)
-
-
 def _history_summary(run_dir: Path) -> dict[str, Any]:
     rows = []
     hist = run_dir / "history.jsonl"
@@ -1598,7 +1593,7 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
 
     def variant(name: str, up: str, stage: int, lam: float, teachers: list, fraction: float = 1.0):
         ddir = aligned_dir if teachers else cdir
-        fn = functools.partial(_train_at, c, model=Path(training[up]["checkpoint"]), data=ddir / "train.jsonl",
+        fn = functools.partial(_train, c, model=Path(training[up]["checkpoint"]), data=ddir / "train.jsonl",
                                stage=stage, steps=c.stage2_steps, lr=c.stage2_lr, lambda_align=lam,
                                teachers=teachers, data_fraction=fraction,
                                val_data=ddir / "val_small.jsonl" if stage == 2 else None,

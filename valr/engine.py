@@ -207,34 +207,29 @@ def forward_latent(backbone: Backbone, batch: Batch, layer: int, mode: Mode = "e
     embeds, positions = _inputs(backbone, batch)
     labels = batch.labels.to(embeds.device)
     batch_size, length, dim = embeds.shape
-    if not feeds_back(backbone):
-        out = backbone.decode(embeds, positions, batch.attention_mask.to(embeds.device), None, layer)
-        hidden = out.last_hidden
-        slots = [batch.slot_positions(b) for b in range(batch_size)]
-        latent_states, owner = _group_segments(batch, [[out.layer_hidden[b, t] for t in ts]
-                                                        for b, ts in enumerate(slots)], dim, embeds)
-        latent_inputs, _ = _group_segments(batch, [[embeds[b, t] for t in ts] for b, ts in enumerate(slots)],
-                                           dim, embeds)
-    elif mode == "exact":
+    if mode == "exact" and feeds_back(backbone):
         finals, states, inputs = _run_rounds(backbone, batch, embeds, positions, layer,
                                               differentiable=torch.is_grad_enabled())
         hidden = torch.stack([F.pad(torch.cat(f, 0), (0, 0, 0, length - sum(x.shape[0] for x in f)))
                               for f in finals], 0)
         latent_states, owner = _group_segments(batch, states, dim, embeds)
-        latent_inputs, _ = _group_segments(batch, inputs, dim, embeds)
-    else:
-        with torch.no_grad():
-            _, _, inputs = _run_rounds(backbone, batch, embeds, positions, layer, differentiable=False)
-        b_idx = [b for b in range(batch_size) for _ in batch.slot_positions(b)]
-        t_idx = [t for b in range(batch_size) for t in batch.slot_positions(b)]
+    else:  # fast mode, or pause tokens in either mode (no recurrence, so one full pass is exact)
+        slots = [batch.slot_positions(b) for b in range(batch_size)]
         filled = embeds
-        if b_idx:
-            vectors = torch.stack([v for per in inputs for v in per], 0).detach()
-            filled = embeds.index_put((torch.tensor(b_idx), torch.tensor(t_idx)), vectors)
+        if feeds_back(backbone):
+            with torch.no_grad():
+                _, _, inputs = _run_rounds(backbone, batch, embeds, positions, layer, differentiable=False)
+            b_idx = [b for b, ts in enumerate(slots) for _ in ts]
+            if b_idx:
+                t_idx = [t for ts in slots for t in ts]
+                vectors = torch.stack([v for per in inputs for v in per], 0).detach()
+                filled = embeds.index_put((torch.tensor(b_idx), torch.tensor(t_idx)), vectors)
+        else:  # each slot keeps the slot token's embedding, with its gradient
+            inputs = [[embeds[b, t] for t in ts] for b, ts in enumerate(slots)]
         out = backbone.decode(filled, positions, batch.attention_mask.to(embeds.device), None, layer)
         hidden = out.last_hidden
-        at_slots = [[out.layer_hidden[b, t] for t in batch.slot_positions(b)] for b in range(batch_size)]
+        at_slots = [[out.layer_hidden[b, t] for t in ts] for b, ts in enumerate(slots)]
         latent_states, owner = _group_segments(batch, at_slots, dim, embeds)
-        latent_inputs, _ = _group_segments(batch, inputs, dim, embeds)
+    latent_inputs, _ = _group_segments(batch, inputs, dim, embeds)
     loss, n = cross_entropy(backbone, hidden, labels)
     return EngineOutput(hidden, loss, n, latent_states, latent_inputs, owner)
