@@ -467,3 +467,19 @@ def test_parallel_stages_keep_the_finished_ones_and_raise_the_failure(tmp_path):
     res = again.run_parallel([j for j in jobs if j[0] != "bad"], 2)
     assert {n: r["tag"] for n, r in res.items()} == {"a": "a", "b": "b"} and sorted(again.reused) == ["a", "b"]
     assert os.getpid() not in {r["pid"] for r in res.values()}  # they ran in other processes
+
+
+def test_progress_ignores_an_interrupted_runs_history(tmp_path):
+    """A stage still waiting for a worker may hold an earlier, interrupted run's history.jsonl (its trainer trims it
+    on start); its bar must not show that run's steps."""
+    import time
+
+    from valr.demo import _history_step
+
+    hist = tmp_path / "history.jsonl"
+    hist.write_text('{"step": 1}\n{"step": 16}\n{"step": 17, "lo')  # the last line half written
+    old = time.time() - 3600
+    os.utime(hist, (old, old))
+    assert _history_step(hist) == 16
+    assert _history_step(hist, since=time.time()) is None
+    assert _history_step(tmp_path / "missing.jsonl") is None

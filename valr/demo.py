@@ -323,6 +323,7 @@ class Stages:
         _log(f"{', '.join(n for n, *_ in todo)}: running, {workers} at a time, {threads} thread(s) each")
         errors: list[BaseException] = []
         ctx = multiprocessing.get_context("spawn")  # no forked copies of this process's torch threads or state
+        started = time.time()
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_set_threads,
                                  initargs=(threads,)) as pool:
             pending = {pool.submit(_timed, fn, d): (name, key, d) for name, key, fn, d in todo}
@@ -341,7 +342,7 @@ class Stages:
                         continue
                     results[name] = self._close(name, d, result, secs)
                 for name, key, d in pending.values():
-                    step = _history_step(d / "run" / "history.jsonl")
+                    step = _history_step(d / "run" / "history.jsonl", since=started)
                     if step is None:
                         continue
                     if name not in bars:
@@ -397,9 +398,12 @@ def _timed(fn: Callable[[Path], Any], d: Path) -> tuple[Any, float]:
     return result, time.perf_counter() - t0
 
 
-def _history_step(path: Path) -> int | None:
-    """The last step a trainer logged to its history.jsonl (None before the first)."""
+def _history_step(path: Path, since: float = 0.0) -> int | None:
+    """The last step a trainer logged to its history.jsonl (None before the first, and for a file not written
+    since ``since``: an interrupted earlier run's history, which the trainer trims when it starts)."""
     try:
+        if path.stat().st_mtime < since:
+            return None
         lines = path.read_text().splitlines()
     except OSError:
         return None
