@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("sft", "latent_no_align", "valr_s", "valr_m")
+VARIANTS = ("sft", "latent_no_align", "latent_pause", "valr_s", "valr_m")
 
 
 def _run(out, *extra):
@@ -36,7 +36,7 @@ def test_demo_quick_writes_documented_files(tmp_path):
     assert res["stage_seconds"] and all(isinstance(s, (int, float)) and s >= 0 for s in res["stage_seconds"].values())
     for stage in ("world", "chains", "teacher", "stage0_one_view", "stage0", "stage0_find_one_view",
                   "stage0_find_one_view2", "stage0_find",
-                  "stage1", "sft", "latent_no_align", "valr_s", "valr_m"):
+                  "stage1", "sft", "latent_no_align", "latent_pause", "valr_s", "valr_m"):
         assert stage in res["stage_seconds"], stage
     assert set(VARIANTS) <= set(res["variants"])
     n_max = res["config"]["n_max"]
@@ -53,6 +53,10 @@ def test_demo_quick_writes_documented_files(tmp_path):
     assert all(_frac(f["accuracy"]) for f in valr_s["data_fraction"].values())
     # the alignment loss is measured for the aligned variants only
     assert res["training"]["valr_s"]["align_last"] > 0 and "align_last" not in res["training"]["sft"]
+    # the pause-token control: the same stage 2 without the feedback (and without alignment)
+    pause_cfg = (out / "latent_pause" / "run" / "train_config.yaml").read_text()
+    assert "latent_feed: pause" in pause_cfg and "lambda_align: 0.0" in pause_cfg
+    assert "latent_feed: hidden" in (out / "latent_no_align" / "run" / "train_config.yaml").read_text()
     # after the finding stages, stage 0 below the reading target gets its extension (a toy model never reads),
     # on the finding stage's mix of read and find records, then is checked again
     checks = res["stage0_reading_checks"]

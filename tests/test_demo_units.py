@@ -399,8 +399,11 @@ def test_merge_pairs_the_data_fraction_target_with_the_seeds_that_ran_it(tmp_pat
     del without["variants"]["valr_s"]["data_fraction"]["0.25"]
     with_frac["config"].pop("variant_workers", None)  # a run from before the option, one after another
     without["config"]["variant_workers"] = 2  # how the variants ran is not part of the recipe
+    with_frac["config"]["pause_control"] = True  # the pause-token control beside the same variants
+    with_frac["variants"]["latent_pause"] = with_frac["variants"]["sft"]
     runs = merge_runs([_write_run(tmp_path / "a", with_frac), _write_run(tmp_path / "b", without)])
     s = summarize(runs)
+    assert "latent_pause" not in s["means"] and "latent_pause" in s["runs"]["0"]["variants"]  # one seed is no mean
     frac = s["means"]["valr_s"]["data_fraction"]
     assert frac["1.0"]["seeds"] == [0, 1] and frac["1.0"]["accuracy"] == pytest.approx(0.6)
     assert frac["0.25"] == {"accuracy": pytest.approx(0.4), "accuracy_by_n": {"1": pytest.approx(0.4)},

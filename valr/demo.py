@@ -25,6 +25,8 @@ checkpoint):
 6. variants, each from the stage-1 checkpoint with the same number of steps and the same LR schedule:
    ``sft``              stage 1 continued (so SFT trains as long as stage 1 + stage 2 together),
    ``latent_no_align``  stage 2 with lambda = 0 (latent segments, no REPA),
+   ``latent_pause``     (optional, ``pause_control=true``) stage 2 with K learned pause tokens in place of the
+                        fed-back states, lambda = 0: the same extra positions without the feedback (a control),
    ``valr_s``           stage 2 with REPA to the perception teacher,
    ``valr_m``           (optional) REPA to the perception teacher and the MLLM's own vision tower ("QE"),
    ``stage1_f25`` + ``valr_s_f25``  stage 1 and VaLR-S on the first 25 % of the training records
@@ -70,7 +72,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from valr.synth.teacher import TeacherTrainConfig  # noqa: E402  (imports torch)
 
 FORMAT = 1
-VARIANTS = ("sft", "latent_no_align", "valr_s", "valr_m")
+VARIANTS = ("sft", "latent_no_align", "latent_pause", "valr_s", "valr_m")
 TARGET_NS = (6, 7, 8)  # "long chains" for the N >= 6 target (all N >= 6 present in the test split)
 
 
@@ -179,6 +181,10 @@ class DemoConfig:
     # valr.latent_feed of the latent variants: "hidden" (the paper), "embedding_rms" (fed latents rescaled to the
     # token embeddings' scale; docs/results.md item 36) or "pause" (no feedback: K learned pause tokens, a control)
     latent_feed: str = "hidden"
+    # the pause-token control (variant latent_pause: latent_feed=pause, lambda 0): do the latents help through
+    # the feedback or only through K more positions? On seed 0 of recipe 8 pause tokens lost 6-9 points to the
+    # fed-back latents (docs/results.md item 46). About 35 more minutes a seed here, so off by default
+    pause_control: bool = False
     valr_m: bool = False
     # the data-efficiency runs (stage 1 + VaLR-S on this fraction of the records) cost 8 of the full mode's 32
     # minutes, so the default demo skips them (0) and the study turns them on with data_fraction=0.25
@@ -201,7 +207,8 @@ class DemoConfig:
                    stage0_max_extensions=1, find_oneview_steps=2, find_oneview_rounds=2, find_steps=2,
                    find_batch_size=4, batch_size=8,
                    stage1_steps=4,
-                   stage2_steps=3, num_workers=0, projector_width=32, valr_m=True, data_fraction=0.25,
+                   stage2_steps=3, num_workers=0, projector_width=32, valr_m=True, pause_control=True,
+                   data_fraction=0.25,
                    eval_batch_size=16,
                    max_new_tokens=40, test_ks=(1, 4))
 
@@ -941,9 +948,11 @@ def _subset(src: Path, dst: Path, n: int) -> Path:
 def _train(cfg: DemoConfig, out: Path, *, model: Path, data: Path, stage: int, steps: int, lr: float,
            lr_vision: float = 0.0, lambda_align: float = 0.0, teachers: list | None = None,
            data_fraction: float = 1.0, val_data: Path | None = None, progress: bool = True,
-           batch_size: int | None = None, save_every: int | None = None, keep_last: int = 1) -> dict[str, Any]:
+           batch_size: int | None = None, save_every: int | None = None, keep_last: int = 1,
+           latent_feed: str | None = None) -> dict[str, Any]:
     """One ``valr.trainer.train`` call; returns the final checkpoint path and a summary of its history.
-    ``save_every``/``keep_last`` space and keep the resumable checkpoints (default: four per run, the last kept)."""
+    ``save_every``/``keep_last`` space and keep the resumable checkpoints (default: four per run, the last kept);
+    ``latent_feed`` overrides the config's for a stage-2 run."""
     import torch
 
     from valr.config import ValrConfig
@@ -952,7 +961,7 @@ def _train(cfg: DemoConfig, out: Path, *, model: Path, data: Path, stage: int, s
     vcfg = ValrConfig(k=cfg.k, align_layer=cfg.align_layer, lambda_align=lambda_align,
                       projector_width=cfg.projector_width, teachers=list(teachers or []),
                       train_mode=cfg.train_mode, center_targets=cfg.center_targets, latent_after=cfg.latent_after,
-                      latent_feed=cfg.latent_feed if stage == 2 else "hidden",
+                      latent_feed=(latent_feed or cfg.latent_feed) if stage == 2 else "hidden",
                       feature_cache=str(out / "features") if teachers else None)
     tcfg = TrainConfig(model=str(model), train_data=str(data), val_data=str(val_data) if val_data else None,
                        output_dir=str(out / "run"), stage=stage, max_steps=steps,
@@ -1595,18 +1604,19 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
 
     jobs: list[tuple[str, dict[str, Any], Callable[[Path], Any]]] = []  # the variants, trained together below
 
-    def variant(name: str, up: str, stage: int, lam: float, teachers: list, fraction: float = 1.0):
+    def variant(name: str, up: str, stage: int, lam: float, teachers: list, fraction: float = 1.0,
+                feed: str | None = None):
         ddir = aligned_dir if teachers else cdir
         fn = functools.partial(_train, c, model=Path(training[up]["checkpoint"]), data=ddir / "train.jsonl",
                                stage=stage, steps=c.stage2_steps, lr=c.stage2_lr, lambda_align=lam,
-                               teachers=teachers, data_fraction=fraction,
+                               teachers=teachers, data_fraction=fraction, latent_feed=feed,
                                val_data=ddir / "val_small.jsonl" if stage == 2 else None,
                                progress=progress and c.variant_workers == 1)
         key = {"up": st.fps[up], "stage": stage, "lambda": lam, "teachers": [dataclasses.asdict(t) for t in teachers],
                "steps": c.stage2_steps, "lr": c.stage2_lr, "projector_lr": c.projector_lr, "fraction": fraction,
                "teacher_fp": st.fps["teacher"] if teachers else None}
         if stage == 2:
-            key["latent"] = latent_key
+            key["latent"] = {**latent_key, "latent_feed": feed} if feed else latent_key
         if teachers and c.step_targets != "view":  # absent for view targets, as before the option existed
             key["targets"] = st.fps["focus"]
         if c.variant_workers == 1:
@@ -1618,6 +1628,8 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
 
     variant("sft", "stage1", 1, 0.0, [])
     variant("latent_no_align", "stage1", 2, 0.0, [])
+    if c.pause_control:
+        variant("latent_pause", "stage1", 2, 0.0, [], feed="pause")
     variant("valr_s", "stage1", 2, c.lambda_align, [percept])
     if c.valr_m:
         variant("valr_m", "stage1", 2, c.lambda_align, [percept, TeacherSpec(name="qe", kind="self")])
@@ -1652,7 +1664,8 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
         evals[label] = json.loads(Path(res["metrics_file"]).read_text())
 
     evaluate("sft", "sft", "off", c.k)
-    for name in ("latent_no_align", "valr_s") + (("valr_m",) if c.valr_m else ()):
+    for name in ("latent_no_align", "valr_s") + (("latent_pause",) if c.pause_control else ()) + (
+            ("valr_m",) if c.valr_m else ()):
         evaluate(name, name, "model", c.k)
     if frac_name:
         evaluate(frac_name, frac_name, "model", c.k)
@@ -1933,8 +1946,9 @@ def load_run(results: dict[str, Any], run_dir: Path | None = None) -> dict[str, 
 # and data_fraction, which only adds the data-efficiency runs (stage 1 + VaLR-S on a fraction of the records) beside
 # the same variants; the summary averages each fraction over the seeds that ran it (a seed of the full recipe takes
 # about three hours on 2 cores with its variants one after another, the fraction runs about an hour more, so a
-# session may leave them out); and variant_workers, which says how the variants ran, not what they are
-SEED_KEYS = ("seed", "data_fraction", "variant_workers")
+# session may leave them out); variant_workers, which says how the variants ran, not what they are; and
+# pause_control, which only adds the pause-token control beside the same variants
+SEED_KEYS = ("seed", "data_fraction", "variant_workers", "pause_control")
 # how a run whose results predate an option ran without it (older results.json files lack the key)
 ABSENT_MEANS: dict[str, Any] = {"fixed_options": False, "latent_feed": "hidden", "step_targets": "view",
                                 "center_targets": False, "latent_after": None, "find_oneview_steps": 0,
