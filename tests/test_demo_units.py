@@ -127,6 +127,30 @@ def test_score_predictions_by_n_and_step_position(world, tmp_path):
         if right:
             assert m["accuracy_given_chain_right"][fam] == pytest.approx(
                 sum(i % 4 != 3 for i in right) / len(right))
+    # why lookup chains went wrong: the replaced first step is no lookup step at all
+    from valr.demo import lookup_error
+
+    lookup = [i for i, r in enumerate(recs) if all(lookup_error(s.text, "x") for s in r.steps)]
+    broken = sum(1 for i in lookup if i % 2 == 1 and len(recs[i].steps) > 1)
+    assert lookup and m["lookup_chain_errors"]["chains"] == len(lookup)
+    assert {k: v for k, v in m["lookup_chain_errors"].items() if k != "chains"} == (
+        {"unreadable": {"1": broken}} if broken else {})
+
+
+def test_lookup_error_names_what_the_first_wrong_step_got_wrong():
+    from valr.demo import lookup_error
+
+    gold = "#2 view 4 blue at row 4 col 3: large blue triangle"
+    assert lookup_error(gold, gold) is None
+    assert lookup_error(gold, "#2 view 4 row 4 col 3: large blue triangle") == "move"  # by address, not content
+    assert lookup_error(gold, "#2 view 4 triangle at row 4 col 3: large blue triangle") == "key_type"
+    assert lookup_error(gold, "#2 view 4 red at row 1 col 1: large red cube") == "key_value"
+    assert lookup_error(gold, "#2 view 4 blue at row 1 col 3: small blue ball") == "found"
+    assert lookup_error(gold, "#2 view 1 blue at row 1 col 3: small blue ball") == "view"  # the head's view
+    assert lookup_error(gold, "Answer: A") == "unreadable" and lookup_error(gold, None) == "missing"
+    address = "#1 view 3 row 3 col 1: large blue cross"
+    assert lookup_error(address, "#1 view 3 blue cross at row 3 col 1: large blue cross") == "move"
+    assert lookup_error("#1 view 4 small: 4, total 4", "#1 view 4 small: 3, total 3") is None  # a count step
 
 
 def _variant(acc, by_n, counts=None):

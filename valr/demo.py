@@ -1065,6 +1065,39 @@ def image_dependence(ckpt: str | Path, records_file: Path, k: int, latent: bool,
 
 
 _LATENT_MARKUP = re.compile(r"<latent>\[\d+ latent positions\]</latent>|<latent>|</latent>")
+_LOOKUP_STEP = re.compile(r"#\d+ view (?P<view>\d+) (?:(?P<key>[a-z ]+?) at )?row \d+ col \d+: ")
+# why a lookup chain (chase, where, tally) went wrong, by its first wrong step: the view its head names, the
+# move (by address or by content: the question's instruction for that step), the key's type (colour or shape:
+# also the question's) or value (copied from the step before), or the right lookup landing on the wrong cell or
+# object; "unreadable" for a step that is not a lookup at all, "missing" for a chain that stopped early
+LOOKUP_ERRORS = ("view", "move", "key_type", "key_value", "found", "unreadable", "missing")
+
+
+def lookup_error(gold: str, said: str | None) -> str | None:
+    """Why ``said`` is not the lookup step ``gold`` (a :data:`LOOKUP_ERRORS` kind), or None when they agree or
+    ``gold`` is not a lookup step."""
+    g = _LOOKUP_STEP.match(gold)
+    if g is None or said == gold:
+        return None
+    if said is None:
+        return "missing"
+    m = _LOOKUP_STEP.match(said)
+    if m is None:
+        return "unreadable"
+    gk, sk = g.group("key"), m.group("key")
+    if g.group("view") != m.group("view"):
+        return "view"
+    if (gk is None) != (sk is None):
+        return "move"
+    if gk is not None and gk != sk:
+        from valr.synth.world import COLOURS, SHAPES
+
+        def kind(key: str) -> tuple[bool, bool]:
+            words = set(key.split())
+            return bool(words & set(COLOURS)), bool(words & set(SHAPES))
+
+        return "key_type" if kind(gk) != kind(sk) else "key_value"
+    return "found"
 
 
 def _run_eval(cfg: DemoConfig, ckpt: str, test_file: Path, out: Path, policy: str, k: int) -> None:
@@ -1081,10 +1114,11 @@ def _run_eval(cfg: DemoConfig, ckpt: str, test_file: Path, out: Path, policy: st
 
 
 def score_predictions(test_file: Path, pred_file: Path, limit: int | None = None) -> dict[str, Any]:
-    """Accuracy overall, by N, by family; per-step accuracy by step position; (length, score) pairs; and, per
+    """Accuracy overall, by N, by family; per-step accuracy by step position; (length, score) pairs; per
     family, how often the whole generated chain equals the gold one (``chain_right_by_family``) and the accuracy
     of the answers that follow such a chain (``accuracy_given_chain_right``: does the model compute the answer
-    from right steps?)."""
+    from right steps?); and, over the chains made of lookup steps (chase, where, tally), why the first wrong step is
+    wrong (``lookup_chain_errors``: kind -> {step position: chains}, see :func:`lookup_error`)."""
     from valr.data import load_records
     from valr.eval.benchmarks import load_records_benchmark
     from valr.eval.predictions import Prediction
@@ -1108,6 +1142,8 @@ def score_predictions(test_file: Path, pred_file: Path, limit: int | None = None
     step_right: dict[int, list[float]] = defaultdict(list)  # position -> [step i right | steps < i right]
     step_any: dict[int, list[float]] = defaultdict(list)  # position -> [step i right] (unconditional)
     chain_right: dict[str, list[float]] = defaultdict(list)  # family -> [every step right]
+    first_error: dict[str, Counter] = defaultdict(Counter)  # lookup chains: kind -> {position of the first wrong step}
+    lookup_chains = 0
     given_chain: dict[str, list[float]] = defaultdict(list)  # family -> [answer score | every step right]
     pairs_tokens, pairs_positions, segs = [], [], []
     per_item = []
@@ -1120,12 +1156,16 @@ def score_predictions(test_file: Path, pred_file: Path, limit: int | None = None
         said = [x.strip() for x in text.split("\n") if x.strip() and not x.strip().startswith("Answer")]
         gold = [st.text.strip() for st in records[it.id].steps]
         ok_prefix = True
+        lookup = all(_LOOKUP_STEP.match(g) for g in gold)
+        lookup_chains += lookup
         for i, g in enumerate(gold, start=1):
             right = float(i <= len(said) and said[i - 1] == g)
             step_any[i].append(right)
             if ok_prefix:
                 step_right[i].append(right)
                 ok_prefix = right == 1.0
+                if lookup and not ok_prefix:
+                    first_error[lookup_error(g, said[i - 1] if i <= len(said) else None)][str(i)] += 1
         chain_right[family].append(float(ok_prefix and len(said) == len(gold)))
         if chain_right[family][-1]:
             given_chain[family].append(s.score)
@@ -1148,6 +1188,9 @@ def score_predictions(test_file: Path, pred_file: Path, limit: int | None = None
         "step_accuracy_unconditional": {str(i): mean(v) for i, v in sorted(step_any.items())},
         "chain_right_by_family": {f: mean(v) for f, v in sorted(chain_right.items())},
         "accuracy_given_chain_right": {f: mean(v) for f, v in sorted(given_chain.items())},
+        "lookup_chain_errors": {"chains": lookup_chains,
+                                **{k: dict(sorted(first_error[k].items(), key=lambda x: int(x[0])))
+                                   for k in LOOKUP_ERRORS if k in first_error}},
         "mean_generated_tokens": mean([x for x, _ in pairs_tokens]),
         "mean_generated_positions": mean([x for x, _ in pairs_positions]),
         "latent_segments_per_step": (sum(s for _, s in segs) / max(1, sum(n for n, _ in segs))) if segs else None,
@@ -1390,6 +1433,13 @@ def write_report(results: dict[str, Any], path: Path, fig_names: list[str]) -> N
                   + ", ".join(f"{n} {d['ce_own_images']:.3f}/{d['ce_swapped_images']:.3f}" for n, d in dep.items())]
     step1 = {n: m.get("step_accuracy_by_position", {}).get("1") for n, m in v.items()}
     lines += ["", "First reasoning step exactly right: " + ", ".join(f"{n} {_pct(a)}" for n, a in step1.items())]
+    errs = {n: m["lookup_chain_errors"] for n, m in v.items() if m.get("lookup_chain_errors", {}).get("chains")}
+    if errs:
+        lines += ["", "Lookup chains (chase, where, tally) by their first wrong step, what it got wrong (chains; "
+                  "`kind: {step position: chains}`): "
+                  + "; ".join(f"{n} of {e['chains']}: " + (", ".join(f"{k} {json.dumps(e[k])}" for k in e
+                                                                   if k != "chains") or "none")
+                              for n, e in errs.items())]
     lines += ["", "## Targets", ""]
     for name, t in results.get("targets", {}).items():
         shown = {k: (round(x, 4) if isinstance(x, float) else x) for k, x in t.items()}
@@ -1661,7 +1711,10 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
                "limit": c.eval_limit, "diag": 1,
                "max_new_tokens": c.max_new_tokens, "split": c.eval_split, "test": st.fps["chains"]}
         res = st.run(f"eval/{label}", key, fn)
-        evals[label] = json.loads(Path(res["metrics_file"]).read_text())
+        metrics_file = Path(res["metrics_file"])
+        # scored again from the stored predictions (cheap), so a newer scoring applies to cached generations
+        evals[label] = {**json.loads(metrics_file.read_text()),
+                        **score_predictions(test_file, metrics_file.parent / "predictions.jsonl", c.eval_limit)}
 
     evaluate("sft", "sft", "off", c.k)
     for name in ("latent_no_align", "valr_s") + (("latent_pause",) if c.pause_control else ()) + (
