@@ -187,7 +187,12 @@ def _seed_run(seed, a):
 
 
 def test_summarize_means_over_seeds():
-    s = summarize({"0": _seed_run(0, 0.4), "1": _seed_run(1, 0.6)}, "valr demo --seeds 0,1")
+    runs = {"0": _seed_run(0, 0.4), "1": _seed_run(1, 0.6)}
+    runs["0"]["variants"]["sft"]["lookup_chain_errors"] = {"chains": 10, "move": {"6": 2}}
+    runs["1"]["variants"]["sft"]["lookup_chain_errors"] = {"chains": 10, "move": {"6": 1, "7": 1}, "found": {"1": 1}}
+    s = summarize(runs, "valr demo --seeds 0,1")
+    assert s["means"]["sft"]["lookup_chain_errors"] == {"chains": 20, "move": {"6": 3, "7": 1}, "found": {"1": 1}}
+    assert "lookup_chain_errors" not in s["means"]["valr_s"]  # not every seed has them
     assert s["seeds"] == [0, 1]
     assert s["means"]["sft"]["accuracy"] == pytest.approx(0.5)
     assert s["means"]["valr_s"]["accuracy_by_k"]["4"] == pytest.approx(0.6)

@@ -1871,6 +1871,15 @@ def _fraction_means(runs: dict[str, dict[str, Any]], seeds: list[str]) -> dict[s
     return out
 
 
+def _sum_counts(dicts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Nested dicts of counts added key by key (``{"chains": 300, "move": {"6": 3}}`` over seeds)."""
+    out: dict[str, Any] = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = _sum_counts([out.get(k, {}), v]) if isinstance(v, dict) else out.get(k, 0) + v
+    return out
+
+
 def summarize(runs: dict[str, dict[str, Any]], command: str | None = None) -> dict[str, Any]:
     """Several seeds' results -> {"runs", "means", "std", "targets" (on the means and per seed)}."""
     seeds = sorted(runs, key=int)
@@ -1894,6 +1903,8 @@ def summarize(runs: dict[str, dict[str, Any]], command: str | None = None) -> di
             fr = _fraction_means(runs, seeds)
             if fr:
                 ms["data_fraction"] = fr
+        if all("lookup_chain_errors" in v for v in vs):  # counts: summed over the seeds, not averaged
+            ms["lookup_chain_errors"] = _sum_counts([v["lookup_chain_errors"] for v in vs])
         means[n] = ms
         stds[n] = sd
     if all("prior_baseline" in runs[s] for s in seeds):
