@@ -59,7 +59,7 @@ import shutil
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -888,18 +888,23 @@ def step_token_accuracy(loaded: Any, records_file: Path, n: int = 128, batch: in
     return {key: a / c for key, (a, c) in sorted(hits.items()) if c}
 
 
+def key_kind(words: Iterable[str]) -> str:
+    """What a content key names: "colour", "shape", "colour_shape" (both words) or "" (neither)."""
+    from valr.synth.world import COLOURS, SHAPES
+
+    words = set(words)
+    return "_".join(k for k, names in (("colour", COLOURS), ("shape", SHAPES)) if words & set(names))
+
+
 def finding_accuracy(loaded: Any, find_file: Path, n: int = 128) -> dict[str, float]:
     """How well a model finds a cell by content, teacher-forced on find records: ``find_cells`` (row and col
     numbers pooled, chance 25%), ``find_whole_cells`` (row and col both right, chance 6%; near find_cells squared
     when the two are guessed independently) and whole cells by what the step looks for, ``find_by_colour``,
     ``find_by_shape``, ``find_by_colour_shape`` (both words: neither alone is unique in that view)."""
-    from valr.synth.world import COLOURS, SHAPES
-
     tokens, cells = [0, 0], defaultdict(lambda: [0, 0])
     for _, _, words, right in teacher_forced_steps(loaded, find_file, n):
         numbers = [right[t] for t in range(1, len(words)) if words[t - 1] in ("row", "col")]
-        key = words[:words.index("at")]
-        kind = "_".join(k for k, names in (("colour", COLOURS), ("shape", SHAPES)) if set(key) & set(names))
+        kind = key_kind(words[:words.index("at")])
         tokens[0] += sum(numbers)
         tokens[1] += len(numbers)
         for name in ("whole_cells", f"by_{kind}"):
@@ -1090,13 +1095,7 @@ def lookup_error(gold: str, said: str | None) -> str | None:
     if (gk is None) != (sk is None):
         return "move"
     if gk is not None and gk != sk:
-        from valr.synth.world import COLOURS, SHAPES
-
-        def kind(key: str) -> tuple[bool, bool]:
-            words = set(key.split())
-            return bool(words & set(COLOURS)), bool(words & set(SHAPES))
-
-        return "key_type" if kind(gk) != kind(sk) else "key_value"
+        return "key_type" if key_kind(gk.split()) != key_kind(sk.split()) else "key_value"
     return "found"
 
 
@@ -1717,9 +1716,9 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
                         **score_predictions(test_file, metrics_file.parent / "predictions.jsonl", c.eval_limit)}
 
     evaluate("sft", "sft", "off", c.k)
-    for name in ("latent_no_align", "valr_s") + (("latent_pause",) if c.pause_control else ()) + (
-            ("valr_m",) if c.valr_m else ()):
-        evaluate(name, name, "model", c.k)
+    for name in VARIANTS[1:]:  # the latent variants this run trained
+        if name in training:
+            evaluate(name, name, "model", c.k)
     if frac_name:
         evaluate(frac_name, frac_name, "model", c.k)
     for k in c.test_ks:
