@@ -11,6 +11,7 @@ from valr.align import (
     Projector,
     cosine_distance,
     grid_side,
+    latent_grid_side,
     latents_to_grid,
     mean_feature_loss,
     position_mean_loss,
@@ -44,6 +45,26 @@ def test_grid_shapes(k, grid):
 def test_non_square_k_rejected(k):
     with pytest.raises(ValueError, match="perfect square"):
         grid_side(k)
+
+
+def test_aligned_latents_use_only_the_first_slots():
+    """aligned_latents=4 of K=5: the loss is the all-K loss of the first 4 states, and the fifth state (free to
+    carry other things) gets no gradient from it."""
+    torch.manual_seed(0)
+    part = Aligner(8, {"t": 6}, width=16, slots=4)
+    whole = Aligner(8, {"t": 6}, width=16)
+    whole.load_state_dict(part.state_dict())
+    states = torch.randn(3, 5, 8, requires_grad=True)
+    targets = {"t": [(i, torch.randn(9, 6), (3, 3)) for i in range(3)]}
+    loss, _ = part.loss(states, targets)
+    torch.testing.assert_close(loss, whole.loss(states[:, :4], targets)[0])
+    (grad,) = torch.autograd.grad(loss, states)
+    assert grad[:, 4].abs().max() == 0 and grad[:, :4].abs().min() > 0
+    assert [latent_grid_side(5, 4), latent_grid_side(16, 0), latent_grid_side(20, 16)] == [2, 4, 4]
+    for k, aligned, msg in [(5, 3, "square grid"), (5, 9, "between 0"), (20, 0, "e.g. 16 of K=20"),
+                            (4, -1, "between 0")]:
+        with pytest.raises(ValueError, match=msg):
+            latent_grid_side(k, aligned)
 
 
 def test_loss_zero_for_identical_directions_and_two_for_opposite():

@@ -115,6 +115,21 @@ def test_rescaled_latent_feed_is_trained_and_saved(smoke, tmp_path):
     assert loaded.backbone.latent_feed == "hidden"
 
 
+def test_aligned_latents_are_trained_and_saved(smoke, tmp_path):
+    """valr.aligned_latents: K=5 latents of which the first 4 form the 2 x 2 grid; the trainer checks the pair, and
+    the checkpoint's projectors keep reading the same grid."""
+    from valr.checkpoint import load_checkpoint
+
+    with pytest.raises(ConfigError, match="aligned_latents=3 latents cannot form a square grid"):
+        _cfg(smoke, tmp_path / "bad", valr={"k": 5, "aligned_latents": 3})
+    cfg = _cfg(smoke, tmp_path / "a", max_steps=2)
+    cfg.valr.k, cfg.valr.aligned_latents = 5, 4
+    final = train(cfg)
+    assert all(r["align"] > 0 for r in _history(tmp_path / "a"))
+    loaded = load_checkpoint(final)
+    assert (loaded.config.k, loaded.config.aligned_latents, loaded.aligner.slots) == (5, 4, 4)
+
+
 def test_data_fraction_takes_the_first_records(smoke, tmp_path):
     cfg = _cfg(smoke, tmp_path / "r", stage=1, data_fraction=0.5, max_steps=1, per_device_batch_size=4)
     state = json.loads((train(cfg) / "valr_train_state.json").read_text())

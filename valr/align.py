@@ -1,6 +1,7 @@
 """REPA alignment of latent segments to frozen vision-encoder patch features.
 
-Per segment: the K alignment-layer states form a sqrt(K) x sqrt(K) grid (row-major), are bilinearly upsampled to
+Per segment: the K alignment-layer states (or only the first ``aligned_latents`` of them, when set) form a
+sqrt(K) x sqrt(K) grid (row-major), are bilinearly upsampled to
 the teacher's patch grid, projected token-wise by an MLP (one per teacher) and pulled toward the teacher's patch
 features of the segment's target image by cosine distance (1 - cos), averaged over patches, then segments,
 then teachers. The total stage-2 loss is CE + lambda * this.
@@ -23,8 +24,29 @@ def grid_side(k: int) -> int:
     return side
 
 
-def latents_to_grid(states: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(S, K, D) latent states -> (S, gh*gw, D): square grid, bilinear upsample to the teacher grid."""
+def latent_grid_side(k: int, aligned: int = 0) -> int:
+    """The side of the aligned grid of K latents of which the first ``aligned`` are aligned (0: all K)."""
+    if aligned < 0 or aligned > k:
+        raise ValueError(f"aligned_latents={aligned} must be between 0 (all K) and K={k}")
+    if aligned == 0:
+        try:
+            return grid_side(k)
+        except ValueError as e:
+            raise ValueError(f"{e}, or align only a square number of them (aligned_latents, e.g. 16 of K=20)") \
+                from None
+    try:
+        return grid_side(aligned)
+    except ValueError:
+        raise ValueError(f"aligned_latents={aligned} latents cannot form a square grid; use a perfect square "
+                         f"at most K={k} (e.g. 16 of K=20), or 0 to align all K") from None
+
+
+def latents_to_grid(states: torch.Tensor, grid: tuple[int, int], slots: int = 0) -> torch.Tensor:
+    """(S, K, D) latent states -> (S, gh*gw, D): the first ``slots`` states of each segment (0: all K) as a
+    square grid, bilinearly upsampled to the teacher grid."""
+    if slots:
+        latent_grid_side(states.shape[1], slots)
+        states = states[:, :slots]
     s, k, d = states.shape
     side = grid_side(k)
     x = states.reshape(s, side, side, d).permute(0, 3, 1, 2)
@@ -80,13 +102,15 @@ def position_mean_loss(features: torch.Tensor, center: bool = False) -> float:
 
 
 class Aligner(nn.Module):
-    """One projector per teacher; computes the multi-teacher REPA loss (a plain mean over teachers)."""
+    """One projector per teacher; computes the multi-teacher REPA loss (a plain mean over teachers).
+    ``slots``: how many of each segment's first latents form the grid (0: all K; ``ValrConfig.aligned_latents``)."""
 
-    def __init__(self, hidden_size: int, teacher_dims: dict[str, int], width: int = 2048, center: bool = False):
+    def __init__(self, hidden_size: int, teacher_dims: dict[str, int], width: int = 2048, center: bool = False,
+                 slots: int = 0):
         super().__init__()
         if not teacher_dims:
             raise ValueError("alignment needs at least one teacher")
-        self.center = center
+        self.center, self.slots = center, slots
         self.projectors = nn.ModuleDict({name: Projector(hidden_size, dim, width)
                                          for name, dim in teacher_dims.items()})
 
@@ -115,7 +139,7 @@ class Aligner(nn.Module):
             for grid, members in groups.items():
                 rows = torch.tensor([r for r, _ in members], device=states.device)
                 feats = self.targets(torch.stack([f for _, f in members], 0).to(states.device))
-                up = latents_to_grid(states[rows], grid)
+                up = latents_to_grid(states[rows], grid, self.slots)
                 pred = self.projectors[name](up.to(self.projectors[name].net[0].weight.dtype))
                 total = total + cosine_distance(pred, feats) * len(members)
                 count += len(members)

@@ -105,7 +105,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
         if shapes and (path / PROJECTORS).is_file():
             widths = {s["width"] for s in shapes.values()}
             aligner = Aligner(backbone.hidden_size, {n: s["out"] for n, s in shapes.items()}, widths.pop(),
-                              center=config.center_targets)
+                              center=config.center_targets, slots=config.aligned_latents)
             aligner.load_state_dict(load_file(str(path / PROJECTORS)))
             aligner.to(device)
     return Loaded(model, tokenizer, image_processor, backbone, config, aligner)

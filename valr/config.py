@@ -42,6 +42,11 @@ class ValrConfig:
     # back: every slot keeps the slot token's learned embedding, K pause tokens; a control). Saved with every
     # checkpoint, so generation and evaluation of the model feed latents the way it was trained
     latent_feed: str = "hidden"
+    # how many of each segment's K latents, the first ones, form the aligned grid (a perfect square at most K;
+    # not in the paper, where all K are aligned: 0). The rest are fed back like the others but never pulled toward
+    # the teacher, so they are free to carry what the text needs (e.g. K=20 with 16 aligned: a 4 x 4 grid and 4
+    # free latents). Saved with every checkpoint, so probes and diagnostics read the same grid
+    aligned_latents: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

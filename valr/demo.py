@@ -174,6 +174,9 @@ class DemoConfig:
     projector_width: int = 256
     center_targets: bool = True  # valr.center_targets: align to each image's patch features minus their mean
     latent_after: str | None = r"#\d+ view \d+"  # valr.latent_after: each latent segment after the step's head
+    # valr.aligned_latents: align only each segment's first this many latents (a square grid), leaving the other
+    # k - aligned_latents free to carry the chain's state (docs/results.md What next 9); 0: all K (the paper)
+    aligned_latents: int = 0
     # what the aligned variants' latents are pulled toward: "view" (the step's input view, as in the paper's
     # multi-view data) or "focus" (what the step finds, drawn alone: valr.synth.focus, like the paper's
     # interleaved images); the text and every other variant are the same either way
@@ -264,6 +267,13 @@ class DemoConfig:
 
         if data["latent_feed"] not in LATENT_FEEDS:
             raise ConfigError(f"demo override latent_feed={data['latent_feed']!r}: expected one of {LATENT_FEEDS}")
+        from valr.align import latent_grid_side
+
+        try:
+            if data["k"]:  # 0: no latents (plain CoT)
+                latent_grid_side(data["k"], data["aligned_latents"])
+        except ValueError as e:
+            raise ConfigError(f"demo overrides k={data['k']}, aligned_latents={data['aligned_latents']}: {e}") from None
         return build_dataclass(DemoConfig, data, "demo overrides")
 
 
@@ -967,6 +977,7 @@ def _train(cfg: DemoConfig, out: Path, *, model: Path, data: Path, stage: int, s
                       projector_width=cfg.projector_width, teachers=list(teachers or []),
                       train_mode=cfg.train_mode, center_targets=cfg.center_targets, latent_after=cfg.latent_after,
                       latent_feed=(latent_feed or cfg.latent_feed) if stage == 2 else "hidden",
+                      aligned_latents=cfg.aligned_latents,
                       feature_cache=str(out / "features") if teachers else None)
     tcfg = TrainConfig(model=str(model), train_data=str(data), val_data=str(val_data) if val_data else None,
                        output_dir=str(out / "run"), stage=stage, max_steps=steps,
@@ -1596,6 +1607,8 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
                                              "latent_after")}
     if c.latent_feed != "hidden":  # absent for the paper's feedback, as before the option existed
         latent_key["latent_feed"] = c.latent_feed
+    if c.aligned_latents:  # likewise absent when all K are aligned
+        latent_key["aligned_latents"] = c.aligned_latents
 
     # 3. stage 0: perception pretraining of the MLLM: the vision tower on dense labels, then reading cells
     def do_vision(d: Path):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from valr.align import Aligner, grid_side
+from valr.align import Aligner, latent_grid_side
 from valr.backbones import Backbone
 from valr.config import ValrConfig
 from valr.data.collate import Batch
@@ -40,7 +40,7 @@ class LossParts:
 class Objective:
     def __init__(self, backbone: Backbone, config: ValrConfig, teachers: list[Teacher] | None = None,
                  aligner: Aligner | None = None):
-        grid_side(config.k)
+        latent_grid_side(config.k, config.aligned_latents)
         fed = getattr(backbone, "latent_feed", "hidden")  # a backbone without the attribute feeds hidden states
         if fed != config.latent_feed:  # the config decides how latents are fed
             warnings.warn(f"latent_feed: the backbone fed {fed!r} (e.g. from its checkpoint); "
@@ -56,7 +56,8 @@ class Objective:
             raise ValueError("lambda_align > 0 but no teachers are configured; add teachers or set lambda_align=0")
         if aligner is None and self.teachers:
             aligner = Aligner(backbone.hidden_size, {n: t.dim for n, t in self.teachers.items()},
-                              config.projector_width, center=config.center_targets).to(backbone.model.device)
+                              config.projector_width, center=config.center_targets,
+                              slots=config.aligned_latents).to(backbone.model.device)
         self.aligner = aligner
         self.caches = {n: FeatureCache(config.feature_cache, t) for n, t in self.teachers.items()} \
             if config.feature_cache else {}

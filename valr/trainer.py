@@ -249,12 +249,12 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.max_length is not None and cfg.max_length < 1:
         bad("max_length must be positive (or null)")
     if cfg.stage == 2:
-        from valr.align import grid_side
+        from valr.align import latent_grid_side
 
         try:
-            grid_side(cfg.valr.k)
+            latent_grid_side(cfg.valr.k, cfg.valr.aligned_latents)
         except ValueError as e:
-            bad(f"valr.k: {e}")
+            bad(f"valr.k / valr.aligned_latents: {e}")
     if cfg.lora_r and cfg.lr_vision > 0:
         bad("lr_vision > 0 with LoRA is not supported (LoRA adapts the language model only)")
 
@@ -575,11 +575,12 @@ class _Trainer:
             if old is not None and {n: p.net[-1].out_features for n, p in old.projectors.items()} == dims and \
                     old.projectors[next(iter(dims))].net[0].out_features == v.projector_width:
                 aligner = old
-                aligner.center = v.center_targets
+                aligner.center, aligner.slots = v.center_targets, v.aligned_latents
                 self.log("REPA projectors: continuing from the checkpoint's")
             else:
                 torch.manual_seed(cfg.seed)
-                aligner = Aligner(self.backbone.hidden_size, dims, v.projector_width, center=v.center_targets)
+                aligner = Aligner(self.backbone.hidden_size, dims, v.projector_width, center=v.center_targets,
+                                  slots=v.aligned_latents)
             aligner.to(model.device if not self.sharded else "cpu")
         self.peft = None
         if cfg.lora_r:

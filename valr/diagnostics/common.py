@@ -319,6 +319,7 @@ class Probe:
     layer: int
     source: str  # which checkpoint's projector
     center: bool = False  # the checkpoint was trained on per-image centred targets (valr.center_targets)
+    slots: int = 0  # how many of each segment's first latents its projector was trained on (valr.aligned_latents)
     _cache: dict[str, tuple[torch.Tensor, tuple[int, int]]] = field(default_factory=dict)
 
     def features(self, image: Image.Image, key: str) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -385,7 +386,8 @@ def build_probe(subject: Subject, teacher_arg: str | None = None, projector_from
         teacher = build_teacher(spec, backbone=subject.backbone)
     except (ValueError, OSError) as e:
         return None, f"cannot build teacher {name!r}: {e}"
-    return Probe(name, teacher, aligner.projectors[name], cfg.align_layer, source, cfg.center_targets), ""
+    return Probe(name, teacher, aligner.projectors[name], cfg.align_layer, source, cfg.center_targets,
+                 cfg.aligned_latents), ""
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,7 @@ def _target_image(sample: Sample, target: tuple[int | None, Path | None]):
 def _segment_alignment(probe: Probe, states: torch.Tensor, feats: torch.Tensor, grid: tuple[int, int]) -> float:
     from valr.align import latents_to_grid
 
-    pred = probe.projector(latents_to_grid(states[None].float(), grid))[0]
+    pred = probe.projector(latents_to_grid(states[None].float(), grid, probe.slots))[0]
     if probe.center:  # compare in the space the projector was trained for
         feats = feats - feats.mean(0, keepdim=True)
     return float(cosine(pred, feats.to(pred.device)).mean())
@@ -115,11 +115,12 @@ def sample_dilution(subject: Subject, sample: Sample, result, probe: Probe | Non
     segments = []
     if probe is not None:
         k = sum(1 for s in trace.segments if s == 0)
-        side = math.isqrt(k) if k else 0
+        rows = probe.slots or k  # the aligned grid: the first rows of each whole segment
+        side = math.isqrt(rows) if 0 < rows <= k else 0
         for g in sorted({s for s in trace.segments if s >= 0}):
             idx = [i for i, s in enumerate(trace.segments) if s == g]
             tgt = trace.targets[idx[0]]
-            if tgt == (None, None) or len(idx) != side * side or side == 0:
+            if tgt == (None, None) or len(idx) != k or side * side != rows:
                 continue
             image, cache_key = _target_image(sample, tgt)
             feats, grid = probe.features(image, cache_key)
