@@ -1,10 +1,10 @@
 """REPA alignment of latent segments to frozen vision-encoder patch features.
 
-Per segment: the K alignment-layer states (or only the first ``aligned_latents`` of them, when set) form a
-sqrt(K) x sqrt(K) grid (row-major), are bilinearly upsampled to
-the teacher's patch grid, projected token-wise by an MLP (one per teacher) and pulled toward the teacher's patch
-features of the segment's target image by cosine distance (1 - cos), averaged over patches, then segments,
-then teachers. The total stage-2 loss is CE + lambda * this.
+Per segment: the K alignment-layer states form a sqrt(K) x sqrt(K) grid (row-major; with ``aligned_latents``
+set, only that many first states form the grid), are bilinearly upsampled to the teacher's patch grid,
+projected token-wise by an MLP (one per teacher) and pulled toward the teacher's patch features of the segment's
+target image by cosine distance (1 - cos), averaged over patches, then segments, then teachers.
+The total stage-2 loss is CE + lambda * this.
 """
 
 from __future__ import annotations
