@@ -114,6 +114,18 @@ class Aligner(nn.Module):
         self.projectors = nn.ModuleDict({name: Projector(hidden_size, dim, width)
                                          for name, dim in teacher_dims.items()})
 
+    @classmethod
+    def for_config(cls, hidden_size: int, teacher_dims: dict[str, int], config, width: int | None = None):
+        """Projectors for ``teacher_dims`` that read the grid and targets ``config`` (a ValrConfig) trains on;
+        ``width`` overrides ``config.projector_width`` (e.g. the width saved with a checkpoint)."""
+        return cls(hidden_size, teacher_dims, width or config.projector_width, center=config.center_targets,
+                   slots=config.aligned_latents)
+
+    def follow(self, config) -> Aligner:
+        """These projectors, now reading the grid and targets of ``config`` (continuing a run with new settings)."""
+        self.center, self.slots = config.center_targets, config.aligned_latents
+        return self
+
     def targets(self, feats: torch.Tensor) -> torch.Tensor:
         """Teacher patch features ``(S, P, D)`` as the loss sees them: raw, or minus each image's mean patch."""
         return centered(feats) if self.center else feats

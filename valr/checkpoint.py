@@ -104,8 +104,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
         shapes = meta.get("projectors")
         if shapes and (path / PROJECTORS).is_file():
             widths = {s["width"] for s in shapes.values()}
-            aligner = Aligner(backbone.hidden_size, {n: s["out"] for n, s in shapes.items()}, widths.pop(),
-                              center=config.center_targets, slots=config.aligned_latents)
+            aligner = Aligner.for_config(backbone.hidden_size, {n: s["out"] for n, s in shapes.items()}, config,
+                                         widths.pop())
             aligner.load_state_dict(load_file(str(path / PROJECTORS)))
             aligner.to(device)
     return Loaded(model, tokenizer, image_processor, backbone, config, aligner)

@@ -55,9 +55,8 @@ class Objective:
         if config.lambda_align > 0 and not self.teachers:
             raise ValueError("lambda_align > 0 but no teachers are configured; add teachers or set lambda_align=0")
         if aligner is None and self.teachers:
-            aligner = Aligner(backbone.hidden_size, {n: t.dim for n, t in self.teachers.items()},
-                              config.projector_width, center=config.center_targets,
-                              slots=config.aligned_latents).to(backbone.model.device)
+            aligner = Aligner.for_config(backbone.hidden_size, {n: t.dim for n, t in self.teachers.items()},
+                                         config).to(backbone.model.device)
         self.aligner = aligner
         self.caches = {n: FeatureCache(config.feature_cache, t) for n, t in self.teachers.items()} \
             if config.feature_cache else {}

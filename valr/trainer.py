@@ -574,13 +574,11 @@ class _Trainer:
             old = self.loaded.aligner
             if old is not None and {n: p.net[-1].out_features for n, p in old.projectors.items()} == dims and \
                     old.projectors[next(iter(dims))].net[0].out_features == v.projector_width:
-                aligner = old
-                aligner.center, aligner.slots = v.center_targets, v.aligned_latents
+                aligner = old.follow(v)
                 self.log("REPA projectors: continuing from the checkpoint's")
             else:
                 torch.manual_seed(cfg.seed)
-                aligner = Aligner(self.backbone.hidden_size, dims, v.projector_width, center=v.center_targets,
-                                  slots=v.aligned_latents)
+                aligner = Aligner.for_config(self.backbone.hidden_size, dims, v)
             aligner.to(model.device if not self.sharded else "cpu")
         self.peft = None
         if cfg.lora_r:

@@ -116,11 +116,11 @@ def sample_dilution(subject: Subject, sample: Sample, result, probe: Probe | Non
     if probe is not None:
         k = sum(1 for s in trace.segments if s == 0)
         rows = probe.slots or k  # the aligned grid: the first rows of each whole segment
-        side = math.isqrt(rows) if 0 < rows <= k else 0
+        square = 0 < rows <= k and math.isqrt(rows) ** 2 == rows
         for g in sorted({s for s in trace.segments if s >= 0}):
             idx = [i for i, s in enumerate(trace.segments) if s == g]
             tgt = trace.targets[idx[0]]
-            if tgt == (None, None) or len(idx) != k or side * side != rows:
+            if tgt == (None, None) or len(idx) != k or not square:
                 continue
             image, cache_key = _target_image(sample, tgt)
             feats, grid = probe.features(image, cache_key)
