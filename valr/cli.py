@@ -240,8 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "off in the full budget), "
                     "evaluate them on the test split and write OUT/results.json, OUT/report.md and OUT/figures/. "
                     "Every finished stage is cached under OUT, so a rerun reuses it. The variants train two at a "
-                    "time (variant_workers=2). Full mode: about 2 hours 40 minutes on 2 CPU cores (over the "
-                    "30-minute aim, docs/results.md); --quick: a smoke run of a "
+                    "time (variant_workers=2). Full mode: about 2 hours 25 minutes on 2 CPU cores alone, longer "
+                    "beside other work (over the 30-minute aim, docs/results.md); --quick: a smoke run of a "
                     "few minutes whose accuracies mean nothing.")
     d.add_argument("--quick", action="store_true", help="toy sizes: checks the pipeline, makes no accuracy claims")
     d.add_argument("--out", default="runs/demo", help="output directory (stages cached here; default runs/demo)")
@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--figures", help="with --seeds or --merge: directory for the seed-mean figures "
                                      "(default OUT/figures)")
     d.add_argument("--scale", type=float, default=1.0,
-                   help="multiply every training stage's steps (more compute, same recipe; default 1 = ~75-85 min)")
+                   help="multiply every training stage's steps (more compute, same recipe; default 1: full mode)")
     d.add_argument("overrides", nargs="*", metavar="key=value",
                    help="change the recipe (fields of valr.demo.DemoConfig), e.g. stage0_steps=600 "
                         "data_fraction=0 teacher.steps=200; applied after --scale and part of every stage's cache "
