@@ -75,6 +75,10 @@ def patch_losses(run: Path, n: int, records: Path | None = None, batch: int = 16
                           "dist_to_mean": float(dist_mean[bucket == q].mean())} for q in range(4)}
     return {"segments": losses.shape[0], "loss": float(losses.mean()), "grid": grid_shape,
             "loss_map": losses.mean(0).reshape(grid_shape).tolist(), "by_distance_to_mean": by_q,
+            # per position: the share of object-like patches (upper half of the distances) and their loss
+            "object_share_map": (bucket >= 2).float().mean(0).reshape(grid_shape).tolist(),
+            "object_loss_map": (torch.where(bucket >= 2, losses, 0).sum(0) / (bucket >= 2).sum(0).clamp(min=1)
+                                ).reshape(grid_shape).tolist(),
             "quartile_edges": edges.tolist()}
 
 
@@ -91,8 +95,10 @@ def main() -> None:
         print(f"{run}: {res['segments']} segments, loss {res['loss']:.3f}, grid {res['grid']}")
         for q, v in res["by_distance_to_mean"].items():
             print(f"  {q} (target 1-cos to its image's mean patch {v['dist_to_mean']:.3f}): loss {v['loss']:.3f}")
-        for r in res["loss_map"]:
-            print("   " + " ".join(f"{x:.2f}" for x in r))
+        for name in ("loss_map", "object_share_map", "object_loss_map"):
+            print(f"  {name}:")
+            for r in res[name]:
+                print("   " + " ".join(f"{x:.2f}" for x in r))
 
 
 if __name__ == "__main__":
