@@ -80,6 +80,20 @@ def test_loss_zero_for_identical_directions_and_two_for_opposite():
     assert abs(aligner.loss(states, opposite)[0].item() - 2.0) < 1e-5
 
 
+def test_patch_losses_average_to_the_loss():
+    """The per-patch losses a probe maps (e.g. which grid rows the latents render) are the training loss before
+    its mean, centred targets and free latents included."""
+    torch.manual_seed(0)
+    aligner = Aligner(8, {"t": 6}, width=16, center=True, slots=4)
+    states, feats = torch.randn(3, 5, 8), torch.randn(3, 9, 6)
+    per = aligner.patch_losses("t", states, feats, (3, 3))
+    assert per.shape == (3, 9) and bool(((per >= 0) & (per <= 2)).all())
+    loss, _ = aligner.loss(states, {"t": [(i, feats[i], (3, 3)) for i in range(3)]})
+    torch.testing.assert_close(per.mean(), loss)
+    one = aligner.patch_losses("t", states[1:2], feats[1:2], (3, 3))
+    torch.testing.assert_close(one[0], per[1])  # a segment's losses do not depend on the others
+
+
 def test_multi_teacher_mean_and_mixed_grids():
     torch.manual_seed(0)
     aligner = Aligner(8, {"a": 5, "b": 7}, width=16)

@@ -76,6 +76,10 @@ def test_demo_quick_writes_documented_files(tmp_path):
     # does each latent segment carry its step's view? (the variant with a projector only)
     views = res["reading"]["valr_s"].pop("segment_views")
     assert {"picks_view", "align_own", "align_other"} <= set(views) and _frac(views["picks_view"])
+    grid = views.pop("align_own_map")  # where in the teacher's grid the latents render their view
+    assert len(grid) > 1 and all(len(r) == len(grid[0]) and all(0 <= x <= 2 for x in r) for r in grid)
+    assert abs(sum(map(sum, grid)) / (len(grid) * len(grid[0])) - views["align_own"]) < 1e-4
+    assert "by row of the teacher's grid" in (out / "report.md").read_text()
     assert any(key.startswith("picks_view/") and key.endswith(("/first", "/later")) for key in views)
     for name, probe in res["reading"].items():
         tokens = probe.pop("step_tokens", None)

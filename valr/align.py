@@ -67,12 +67,17 @@ class Projector(nn.Module):
         return self.net(x)
 
 
+def patch_cosine_distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - cos(pred, target) per segment and patch: shapes (S, P, D) -> (S, P)."""
+    return 1.0 - F.cosine_similarity(pred.float(), target.float(), dim=-1, eps=1e-8)
+
+
 def cosine_distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over segments and patches of 1 - cos(pred, target). Shapes (S, P, D).
 
     The paper writes -cos; 1 - cos has the same gradient and reads as 0 at perfect alignment.
     """
-    return 1.0 - F.cosine_similarity(pred.float(), target.float(), dim=-1, eps=1e-8).mean()
+    return patch_cosine_distance(pred, target).mean()
 
 
 def mean_feature_loss(features: torch.Tensor) -> float:
@@ -130,6 +135,17 @@ class Aligner(nn.Module):
         """Teacher patch features ``(S, P, D)`` as the loss sees them: raw, or minus each image's mean patch."""
         return centered(feats) if self.center else feats
 
+    def predict(self, name: str, states: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Latent states ``(S, K, D)`` -> teacher ``name``'s predicted patch features ``(S, gh*gw, Dt)``."""
+        proj = self.projectors[name]
+        return proj(latents_to_grid(states, grid, self.slots).to(proj.net[0].weight.dtype))
+
+    def patch_losses(self, name: str, states: torch.Tensor, feats: torch.Tensor, grid: tuple[int, int]
+                     ) -> torch.Tensor:
+        """The loss before averaging: 1 - cos per segment and patch ``(S, gh*gw)``, against features ``(S, P, Dt)``
+        (e.g. where in the grid the latents render their view and where not)."""
+        return patch_cosine_distance(self.predict(name, states, grid), self.targets(feats.to(states.device)))
+
     def loss(self, states: torch.Tensor, targets: dict[str, list[tuple[int, torch.Tensor, tuple[int, int]]]],
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """REPA loss over teachers.
@@ -150,10 +166,8 @@ class Aligner(nn.Module):
             total, count = states.new_zeros(()).float(), 0
             for grid, members in groups.items():
                 rows = torch.tensor([r for r, _ in members], device=states.device)
-                feats = self.targets(torch.stack([f for _, f in members], 0).to(states.device))
-                up = latents_to_grid(states[rows], grid, self.slots)
-                pred = self.projectors[name](up.to(self.projectors[name].net[0].weight.dtype))
-                total = total + cosine_distance(pred, feats) * len(members)
+                feats = torch.stack([f for _, f in members], 0)
+                total = total + self.patch_losses(name, states[rows], feats, grid).mean() * len(members)
                 count += len(members)
             per_teacher[name] = total / count
         if not per_teacher:

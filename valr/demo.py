@@ -621,9 +621,10 @@ def segment_view_accuracy(loaded: Any, records_file: Path, feature_cache: Path |
     projected states against each of the record's images; the segment *picks its view* when the target image
     is the nearest (chance: one over the number of views). A target that is not an input image (e.g. a focus
     image, ``valr.synth.focus``) competes with the record's other distinct step targets instead. Returns
-    ``picks_view`` overall and per family and first/later step (``chase/later``), and ``align_own`` /
-    ``align_other`` (mean loss against the target and against the other images). Empty for a checkpoint
-    without a trained projector."""
+    ``picks_view`` overall and per family and first/later step (``chase/later``), ``align_own`` /
+    ``align_other`` (mean loss against the target and against the other images) and ``align_own_map`` (the
+    loss against the target per patch position, rows of the teacher's grid: where the latents render their view;
+    docs/results.md item 54). Empty for a checkpoint without a trained projector."""
     import torch
 
     from valr.data import LayoutConfig, load_records, make_batch
@@ -641,7 +642,7 @@ def segment_view_accuracy(loaded: Any, records_file: Path, feature_cache: Path |
     lat = LatentTokenIds.from_tokenizer(tok)
     recs = load_records(records_file)[:n]
     hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    own, other = [], []
+    own, other, own_maps = [], [], defaultdict(list)
     with torch.no_grad():
         for i in range(0, len(recs), batch):
             rs = recs[i:i + batch]
@@ -657,9 +658,12 @@ def segment_view_accuracy(loaded: Any, records_file: Path, feature_cache: Path |
                 if target is None or len(views) < 2:
                     continue
                 states = out.latent_states[row:row + 1]  # the training loss of this segment against each view
-                d = [float(aligner.loss(states, {teacher.name: [(0, *feats[v])]})[0]) for v in views]
+                per_patch = [aligner.patch_losses(teacher.name, states, feats[v][0][None], feats[v][1])[0]
+                             for v in views]
+                d = [float(x.mean()) for x in per_patch]
                 t = views.index(Path(target))
                 own.append(d[t])
+                own_maps[tuple(feats[views[t]][1])].append(per_patch[t])
                 other += [x for v, x in enumerate(d) if v != t]
                 fam = str((rs[j].meta or {}).get("family", "all"))
                 for key in ("all", f"{fam}/{'first' if s == 0 else 'later'}"):
@@ -668,6 +672,8 @@ def segment_view_accuracy(loaded: Any, records_file: Path, feature_cache: Path |
     res = {("picks_view" if k == "all" else f"picks_view/{k}"): a / c for k, (a, c) in sorted(hits.items())}
     if own:
         res.update(align_own=sum(own) / len(own), align_other=sum(other) / max(len(other), 1))
+        grid, maps = max(own_maps.items(), key=lambda kv: len(kv[1]))  # the usual grid's segments
+        res["align_own_map"] = torch.stack(maps).mean(0).reshape(grid).tolist()
     return res
 
 
@@ -1450,6 +1456,13 @@ def write_report(results: dict[str, Any], path: Path, fig_names: list[str]) -> N
                   + "; ".join(f"{n} of {e['chains']}: " + (", ".join(f"{k} {json.dumps(e[k])}" for k in e
                                                                    if k != "chains") or "none")
                               for n, e in errs.items())]
+    views = results.get("reading", {}).get("valr_s", {}).get("segment_views", {})
+    if views.get("align_own_map"):
+        rows = " / ".join(f"{sum(r) / len(r):.2f}" for r in views["align_own_map"])
+        lines += ["", f"VaLR-S latent segments, teacher-forced on validation records: pick their view "
+                  f"{_pct(views.get('picks_view'))}% of the time; alignment loss against their view "
+                  f"{views['align_own']:.3f} (other views {views['align_other']:.3f}), by row of the teacher's "
+                  f"grid {rows} (a row left at the no-image level is one the latents do not render)"]
     lines += ["", "## Targets", ""]
     for name, t in results.get("targets", {}).items():
         shown = {k: (round(x, 4) if isinstance(x, float) else x) for k, x in t.items()}

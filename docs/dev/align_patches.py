@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from valr.align import latents_to_grid
 from valr.checkpoint import load_checkpoint
 from valr.data import LayoutConfig, load_records, make_batch
 from valr.engine import forward_latent
@@ -46,7 +45,6 @@ def patch_losses(run: Path, n: int, records: Path | None = None, batch: int = 16
     cfg, aligner, bb, tok = loaded.config, loaded.aligner, loaded.backbone, loaded.tokenizer
     teacher = build_teacher(cfg.teachers[0], bb)
     cache = FeatureCache(str(features), teacher)
-    proj = aligner.projectors[teacher.name]
     lay, lat = LayoutConfig(k=cfg.k, latent_after=cfg.latent_after), LatentTokenIds.from_tokenizer(tok)
     recs = load_records(records)[:n]
     own, grid_shape, raw = [], None, []
@@ -63,8 +61,7 @@ def patch_losses(run: Path, n: int, records: Path | None = None, batch: int = 16
                     continue
                 f, grid = feats[Path(target)]
                 f = f.float()
-                pred = proj(latents_to_grid(out.latent_states[row:row + 1], grid, aligner.slots))[0]
-                own.append(1 - F.cosine_similarity(pred.float(), aligner.targets(f[None])[0], dim=-1))
+                own.append(aligner.patch_losses(teacher.name, out.latent_states[row:row + 1], f[None], grid)[0])
                 raw.append(f)
                 grid_shape = tuple(grid)
     losses, feats = torch.stack(own), torch.stack(raw)  # (S, P), (S, P, D)
