@@ -1771,7 +1771,7 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
                                                                 n=min(96, c.n_val))
         return res
 
-    reading = st.run("eval/reading", {"up": [st.fps[n] for n in st.fps if not n.startswith("eval/")], "v": 8},
+    reading = st.run("eval/reading", {"up": [st.fps[n] for n in st.fps if not n.startswith("eval/")], "v": 9},
                      do_reading)
 
     # 7. results
