@@ -182,7 +182,8 @@ def _seed_run(seed, a):
                                      "0.25": {"accuracy": a, "accuracy_by_n": {"1": a}}}
     return {"seed": seed, "config": {"seed": seed, "n_max": 2, "k": 16}, "variants": vs, "targets": {},
             "stage_seconds": {"x": 1.0}, "total_seconds": 10.0,
-            "reading": {"stage0": {"all_views": a, "one_view": 2 * a}, "sft": {"step_tokens": {"chase/first_view": a}}},
+            "reading": {"stage0": {"all_views": a, "one_view": 2 * a}, "sft": {"step_tokens": {"chase/first_view": a}},
+                        "valr_s": {"segment_views": {"picks_view": a, "align_own_map": [[a, 2 * a], [0.0, a]]}}},
             "length_pairs": {n: {"tokens": [10 + seed, 40, 90], "scores": [1.0, a, 0.0]} for n in vs}}
 
 
@@ -202,6 +203,9 @@ def test_summarize_means_over_seeds():
     assert set(s["runs"]) == {"0", "1"}
     assert s["reading_mean"]["stage0"] == pytest.approx({"all_views": 0.5, "one_view": 1.0})
     assert s["reading_mean"]["sft"]["step_tokens"] == pytest.approx({"chase/first_view": 0.5})
+    views = s["reading_mean"]["valr_s"]["segment_views"]  # grid maps average cell by cell
+    assert views["picks_view"] == pytest.approx(0.5) and views["align_own_map"] == [[pytest.approx(0.5), 1.0],
+                                                                                   [0.0, pytest.approx(0.5)]]
 
 
 def test_read_records_vary_their_length_so_no_item_sits_at_a_fixed_distance(world):

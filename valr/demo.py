@@ -1943,10 +1943,15 @@ def summarize(runs: dict[str, dict[str, Any]], command: str | None = None) -> di
     reading_mean = None
     if all("reading" in runs[s] for s in seeds):
         stages = [n for n in runs[seeds[0]]["reading"] if all(n in runs[s]["reading"] for s in seeds)]
-        def mean_of(values: list[Any]) -> Any:  # floats, or dicts of floats (per family), averaged per key
+        def mean_of(values: list[Any]) -> Any:
+            """Floats averaged; dicts (per family) per shared key; lists (grid maps) per element, if one shape."""
             if isinstance(values[0], dict):
                 keys = [k for k in values[0] if all(k in v for v in values)]
-                return {k: _mean_std([v[k] for v in values])[0] for k in keys}
+                return {k: mean_of([v[k] for v in values]) for k in keys}
+            if isinstance(values[0], list):
+                if any(len(v) != len(values[0]) for v in values):
+                    return None
+                return [mean_of(list(column)) for column in zip(*values, strict=True)]
             return _mean_std(values)[0]
 
         reading_mean = {n: {k: mean_of([runs[s]["reading"][n][k] for s in seeds])
