@@ -614,10 +614,37 @@ def perception_probe(loaded: Any, read_file: Path, find_file: Path) -> dict[str,
     return {**reading_accuracy(loaded, read_file), **finding_accuracy(loaded, find_file)}
 
 
+def teacher_forced_batches(loaded: Any, teacher: Any, records_file: Path, cache: Any = None, n: int = 96,
+                           batch: int = 16) -> Iterator[tuple[list, Any, Any, dict]]:
+    """The first ``n`` records in batches, teacher-forced without gradients in the checkpoint's own layout (K,
+    alignment layer, where segments sit): (records, batch, :func:`valr.engine.forward_latent`'s output, the
+    ``teacher``'s features of every record image and step target, from ``cache`` where present). Every image a
+    segment may be compared with is read (or encoded) once per batch, not per segment."""
+    import torch
+
+    from valr.data import LayoutConfig, load_records, make_batch
+    from valr.engine import forward_latent
+    from valr.teachers import target_features
+    from valr.tokens import LatentTokenIds
+
+    cfg, bb, tok = loaded.config, loaded.backbone, loaded.tokenizer
+    lay = LayoutConfig(k=cfg.k, latent_after=cfg.latent_after)
+    lat = LatentTokenIds.from_tokenizer(tok)
+    recs = load_records(records_file)[:n]
+    for i in range(0, len(recs), batch):
+        rs = recs[i:i + batch]
+        with torch.no_grad():  # left before the yield: the caller's grad mode stays its own
+            b = make_batch(rs, tok, bb, lay, lat)
+            out = forward_latent(bb, b, cfg.align_layer, "fast")
+            feats = target_features(teacher, [p for r in rs for p in r.images]
+                                    + [Path(t) for ts in b.segment_targets for t in ts if t is not None], cache)
+        yield rs, b, out, feats
+
+
 def segment_view_accuracy(loaded: Any, records_file: Path, feature_cache: Path | None = None, n: int = 96,
                           batch: int = 16) -> dict[str, float]:
-    """Does each latent segment carry its step's view? Teacher-forced on ``n`` records, in the checkpoint's own
-    layout (K, alignment layer, where segments sit): for every segment with a target, the alignment loss of its
+    """Does each latent segment carry its step's view? Teacher-forced on ``n`` records
+    (:func:`teacher_forced_batches`): for every segment with a target, the alignment loss of its
     projected states against each of the record's images; the segment *picks its view* when the target image
     is the nearest (chance: one over the number of views). A target that is not an input image (e.g. a focus
     image, ``valr.synth.focus``) competes with the record's other distinct step targets instead. Returns
@@ -627,48 +654,35 @@ def segment_view_accuracy(loaded: Any, records_file: Path, feature_cache: Path |
     docs/results.md item 54). Empty for a checkpoint without a trained projector."""
     import torch
 
-    from valr.data import LayoutConfig, load_records, make_batch
-    from valr.engine import forward_latent
-    from valr.teachers import FeatureCache, build_teacher, target_features
-    from valr.tokens import LatentTokenIds
+    from valr.teachers import FeatureCache, build_teacher
 
     cfg, aligner = loaded.config, loaded.aligner
     if aligner is None or not cfg.teachers:
         return {}
-    bb, tok = loaded.backbone, loaded.tokenizer
-    teacher = build_teacher(cfg.teachers[0], bb)
+    teacher = build_teacher(cfg.teachers[0], loaded.backbone)
     cache = FeatureCache(str(feature_cache), teacher) if feature_cache else None
-    lay = LayoutConfig(k=cfg.k, latent_after=cfg.latent_after)
-    lat = LatentTokenIds.from_tokenizer(tok)
-    recs = load_records(records_file)[:n]
     hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     own, other, own_maps = [], [], defaultdict(list)
-    with torch.no_grad():
-        for i in range(0, len(recs), batch):
-            rs = recs[i:i + batch]
-            b = make_batch(rs, tok, bb, lay, lat)
-            out = forward_latent(bb, b, cfg.align_layer, "fast")
-            # every image a segment may be compared with, read (or encoded) once per batch, not per segment
-            feats = target_features(teacher, [p for r in rs for p in r.images]
-                                    + [Path(t) for ts in b.segment_targets for t in ts if t is not None], cache)
-            for row, (j, s) in enumerate(out.segment_owner):
-                target, views = b.segment_targets[j][s], list(rs[j].images)
-                if target is not None and Path(target) not in views:  # e.g. focus images: the record's own
-                    views = sorted({Path(t) for t in b.segment_targets[j] if t is not None})
-                if target is None or len(views) < 2:
-                    continue
-                states = out.latent_states[row:row + 1]  # the training loss of this segment against each view
+    for rs, b, out, feats in teacher_forced_batches(loaded, teacher, records_file, cache, n, batch):
+        for row, (j, s) in enumerate(out.segment_owner):
+            target, views = b.segment_targets[j][s], list(rs[j].images)
+            if target is not None and Path(target) not in views:  # e.g. focus images: the record's own
+                views = sorted({Path(t) for t in b.segment_targets[j] if t is not None})
+            if target is None or len(views) < 2:
+                continue
+            states = out.latent_states[row:row + 1]  # the training loss of this segment against each view
+            with torch.no_grad():
                 per_patch = [aligner.patch_losses(teacher.name, states, feats[v][0][None], feats[v][1])[0]
                              for v in views]
-                d = [float(x.mean()) for x in per_patch]
-                t = views.index(Path(target))
-                own.append(d[t])
-                own_maps[tuple(feats[views[t]][1])].append(per_patch[t])
-                other += [x for v, x in enumerate(d) if v != t]
-                fam = str((rs[j].meta or {}).get("family", "all"))
-                for key in ("all", f"{fam}/{'first' if s == 0 else 'later'}"):
-                    hits[key][0] += int(min(range(len(d)), key=d.__getitem__) == t)
-                    hits[key][1] += 1
+            d = [float(x.mean()) for x in per_patch]
+            t = views.index(Path(target))
+            own.append(d[t])
+            own_maps[tuple(feats[views[t]][1])].append(per_patch[t])
+            other += [x for v, x in enumerate(d) if v != t]
+            fam = str((rs[j].meta or {}).get("family", "all"))
+            for key in ("all", f"{fam}/{'first' if s == 0 else 'later'}"):
+                hits[key][0] += int(min(range(len(d)), key=d.__getitem__) == t)
+                hits[key][1] += 1
     res = {("picks_view" if k == "all" else f"picks_view/{k}"): a / c for k, (a, c) in sorted(hits.items())}
     if own:
         res.update(align_own=sum(own) / len(own), align_other=sum(other) / max(len(other), 1))
@@ -1095,6 +1109,12 @@ _LOOKUP_STEP = re.compile(r"#\d+ view (?P<view>\d+) (?:(?P<key>[a-z ]+?) at )?ro
 LOOKUP_ERRORS = ("view", "move", "key_type", "key_value", "found", "unreadable", "missing")
 
 
+def said_steps(raw: str | None) -> list[str]:
+    """The reasoning steps of a generated text, one per line, latent segments and the answer line left out."""
+    text = _LATENT_MARKUP.sub("", raw or "")
+    return [x.strip() for x in text.split("\n") if x.strip() and not x.strip().startswith("Answer")]
+
+
 def lookup_error(gold: str, said: str | None) -> str | None:
     """Why ``said`` is not the lookup step ``gold`` (a :data:`LOOKUP_ERRORS` kind), or None when they agree or
     ``gold`` is not a lookup step."""
@@ -1168,8 +1188,7 @@ def score_predictions(test_file: Path, pred_file: Path, limit: int | None = None
         by_n[n].append(s.score)
         by_family[family].append(s.score)
         o = lines.get(it.id, {})
-        text = _LATENT_MARKUP.sub("", o.get("raw", "") or "")
-        said = [x.strip() for x in text.split("\n") if x.strip() and not x.strip().startswith("Answer")]
+        said = said_steps(o.get("raw"))
         gold = [st.text.strip() for st in records[it.id].steps]
         ok_prefix = True
         lookup = all(_LOOKUP_STEP.match(g) for g in gold)

@@ -22,10 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from valr.checkpoint import load_checkpoint
-from valr.data import LayoutConfig, load_records, make_batch
-from valr.engine import forward_latent
-from valr.teachers import FeatureCache, build_teacher, target_features
-from valr.tokens import LatentTokenIds
+from valr.demo import teacher_forced_batches
+from valr.teachers import FeatureCache, build_teacher
 
 
 def locate(run: Path, records: Path | None) -> tuple[str, Path, Path]:
@@ -42,28 +40,21 @@ def locate(run: Path, records: Path | None) -> tuple[str, Path, Path]:
 def patch_losses(run: Path, n: int, records: Path | None = None, batch: int = 16) -> dict:
     ckpt, features, records = locate(run, records)
     loaded = load_checkpoint(ckpt)
-    cfg, aligner, bb, tok = loaded.config, loaded.aligner, loaded.backbone, loaded.tokenizer
-    teacher = build_teacher(cfg.teachers[0], bb)
-    cache = FeatureCache(str(features), teacher)
-    lay, lat = LayoutConfig(k=cfg.k, latent_after=cfg.latent_after), LatentTokenIds.from_tokenizer(tok)
-    recs = load_records(records)[:n]
+    aligner = loaded.aligner
+    teacher = build_teacher(loaded.config.teachers[0], loaded.backbone)
     own, grid_shape, raw = [], None, []
-    with torch.no_grad():
-        for i in range(0, len(recs), batch):
-            rs = recs[i:i + batch]
-            b = make_batch(rs, tok, bb, lay, lat)
-            out = forward_latent(bb, b, cfg.align_layer, "fast")
-            targets = [Path(t) for ts in b.segment_targets for t in ts if t is not None]
-            feats = target_features(teacher, targets, cache)
-            for row, (j, s) in enumerate(out.segment_owner):
-                target = b.segment_targets[j][s]
-                if target is None:
-                    continue
-                f, grid = feats[Path(target)]
-                f = f.float()
+    for _, b, out, feats in teacher_forced_batches(loaded, teacher, records, FeatureCache(str(features), teacher),
+                                                   n, batch):
+        for row, (j, s) in enumerate(out.segment_owner):
+            target = b.segment_targets[j][s]
+            if target is None:
+                continue
+            f, grid = feats[Path(target)]
+            f = f.float()
+            with torch.no_grad():
                 own.append(aligner.patch_losses(teacher.name, out.latent_states[row:row + 1], f[None], grid)[0])
-                raw.append(f)
-                grid_shape = tuple(grid)
+            raw.append(f)
+            grid_shape = tuple(grid)
     losses, feats = torch.stack(own), torch.stack(raw)  # (S, P), (S, P, D)
     dist_mean = 1 - F.cosine_similarity(feats, feats.mean(1, keepdim=True).expand_as(feats), dim=-1)  # (S, P)
     edges = torch.quantile(dist_mean.flatten(), torch.tensor([0.25, 0.5, 0.75]))

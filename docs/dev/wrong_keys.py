@@ -16,13 +16,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from valr.demo import _LATENT_MARKUP, _LOOKUP_STEP, key_kind, lookup_error
+from valr.demo import _LOOKUP_STEP, key_kind, lookup_error, said_steps
 from valr.synth.world import COLOURS, SHAPES, WorldConfig, generate_scene
-
-
-def steps_said(raw: str | None) -> list[str]:
-    text = _LATENT_MARKUP.sub("", raw or "")
-    return [x.strip() for x in text.split("\n") if x.strip() and not x.strip().startswith("Answer")]
 
 
 def found(step: str) -> set[str]:
@@ -39,7 +34,7 @@ def wrong_keys(records: Path, predictions: Path) -> dict:
         gold = [s["text"].strip() for s in r["steps"]]
         if not all(_LOOKUP_STEP.match(g) for g in gold):
             continue
-        said = steps_said(o.get("raw"))
+        said = said_steps(o.get("raw"))
         i = next((i for i, g in enumerate(gold) if i >= len(said) or said[i] != g), None)
         if i is None or lookup_error(gold[i], said[i] if i < len(said) else None) != "key_value":
             continue
