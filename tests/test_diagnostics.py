@@ -178,6 +178,34 @@ def test_segment_alignment_summary_counts_segments_that_pick_their_target():
     assert sa["target"] == pytest.approx((0.9 + 0.6 + 0.2) / 3) and sa["other"] == pytest.approx(0.5 - 0.1 / 3)
 
 
+@torch.no_grad()
+def test_segment_alignment_scores_the_grid_and_targets_the_projector_was_trained_on():
+    """The probe's per-segment score is the mean cosine between the projected grid of the first ``slots`` latents
+    and the (centred, where trained so) teacher patches, computed here by hand."""
+    from valr.align import Aligner
+    from valr.diagnostics.common import Probe
+
+    torch.manual_seed(0)
+    states, feats, grid = torch.randn(9, 8), torch.randn(9, 5) + 2.0, (3, 3)
+    weights, scores = Aligner(8, {"t": 5}, width=16).state_dict(), {}
+    for center, slots in ((False, 0), (True, 0), (True, 4)):  # one projector, read three ways
+        aligner = Aligner(8, {"t": 5}, width=16, center=center, slots=slots)
+        aligner.load_state_dict(weights)
+        if slots:  # the first 4 latents as a 2 x 2 grid, upsampled to the teacher's 3 x 3
+            x = states[:4].reshape(1, 2, 2, 8).permute(0, 3, 1, 2)
+            x = torch.nn.functional.interpolate(x, size=grid, mode="bilinear", align_corners=False)
+            cells = x.flatten(2).transpose(1, 2)[0]
+        else:  # all 9 latents are the 3 x 3 grid, row by row
+            cells = states
+        pred = aligner.projectors["t"](cells)
+        want = feats - feats.mean(0, keepdim=True) if center else feats
+        expected = float(torch.nn.functional.cosine_similarity(pred, want, dim=-1).mean())
+        got = dilution_mod._segment_alignment(Probe("t", None, aligner, layer=1, source=""), states, feats, grid)
+        assert got == pytest.approx(expected, abs=1e-5)
+        scores[center, slots] = got
+    assert len({round(v, 4) for v in scores.values()}) == 3  # centring and slots each change the score
+
+
 def test_probe_teacher_override(setup):
     _, valr, _, _ = setup
     subject = load_subject(valr, policy="force")

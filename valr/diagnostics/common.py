@@ -315,12 +315,19 @@ class Probe:
 
     name: str
     teacher: Any
-    projector: torch.nn.Module
+    aligner: Any  # valr.align.Aligner reading the grid and targets its checkpoint was trained on
     layer: int
     source: str  # which checkpoint's projector
-    center: bool = False  # the checkpoint was trained on per-image centred targets (valr.center_targets)
-    slots: int = 0  # how many of each segment's first latents its projector was trained on (valr.aligned_latents)
     _cache: dict[str, tuple[torch.Tensor, tuple[int, int]]] = field(default_factory=dict)
+
+    @property
+    def projector(self) -> torch.nn.Module:
+        return self.aligner.projectors[self.name]
+
+    @property
+    def slots(self) -> int:
+        """How many of each segment's first latents form the grid (0: all; valr.aligned_latents)."""
+        return self.aligner.slots
 
     def features(self, image: Image.Image, key: str) -> tuple[torch.Tensor, tuple[int, int]]:
         if key not in self._cache:
@@ -370,7 +377,7 @@ def build_probe(subject: Subject, teacher_arg: str | None = None, projector_from
             cfg = ValrConfig.from_dict(json.loads(meta.read_text()).get("valr", {}), str(meta))
     if aligner is None:
         return None, "no trained projector (not a stage-2 checkpoint with alignment; see --projector-from)"
-    aligner = aligner.to(subject.backbone.model.device).float()
+    aligner = aligner.follow(cfg).to(subject.backbone.model.device).float()
     name, path = parse_teacher_arg(teacher_arg)
     names = list(aligner.projectors)
     name = name or next((t.name for t in cfg.teachers if t.name in names), names[0])
@@ -386,8 +393,7 @@ def build_probe(subject: Subject, teacher_arg: str | None = None, projector_from
         teacher = build_teacher(spec, backbone=subject.backbone)
     except (ValueError, OSError) as e:
         return None, f"cannot build teacher {name!r}: {e}"
-    return Probe(name, teacher, aligner.projectors[name], cfg.align_layer, source, cfg.center_targets,
-                 cfg.aligned_latents), ""
+    return Probe(name, teacher, aligner, cfg.align_layer, source), ""
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -60,12 +60,8 @@ def _target_image(sample: Sample, target: tuple[int | None, Path | None]):
 
 
 def _segment_alignment(probe: Probe, states: torch.Tensor, feats: torch.Tensor, grid: tuple[int, int]) -> float:
-    from valr.align import latents_to_grid
-
-    pred = probe.projector(latents_to_grid(states[None].float(), grid, probe.slots))[0]
-    if probe.center:  # compare in the space the projector was trained for
-        feats = feats - feats.mean(0, keepdim=True)
-    return float(cosine(pred, feats.to(pred.device)).mean())
+    """Mean cosine of one segment's predicted patches with ``feats``, in the space its projector was trained for."""
+    return 1.0 - float(probe.aligner.patch_losses(probe.name, states[None].float(), feats[None], grid).mean())
 
 
 @torch.no_grad()
