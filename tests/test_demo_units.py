@@ -331,7 +331,7 @@ def test_demo_overrides_change_the_recipe_and_reject_bad_keys():
 
 
 def test_finding_accuracy_scores_whole_cells_by_what_the_step_looks_for(monkeypatch):
-    import valr.demo as demo
+    from valr.demo import probes
 
     def step(text: str, wrong: set[int]):
         words = text.split()
@@ -341,8 +341,8 @@ def test_finding_accuracy_scores_whole_cells_by_what_the_step_looks_for(monkeypa
              step("# 2 view 1 cube at row 2 col 4 : small blue cube", {9}),  # col wrong
              step("# 3 red ring at row 1 col 1 : small red ring", {6, 8}),  # both wrong
              step("# 4 cube at row 4 col 4 : large green cube", {10})]  # only an object word wrong
-    monkeypatch.setattr(demo, "teacher_forced_steps", lambda *a, **k: iter(steps))
-    acc = demo.finding_accuracy(None, "unused")
+    monkeypatch.setattr(probes, "teacher_forced_steps", lambda *a, **k: iter(steps))
+    acc = probes.finding_accuracy(None, "unused")
     assert acc == {"find_cells": 5 / 8, "find_whole_cells": 2 / 4, "find_by_colour": 1.0, "find_by_shape": 0.5,
                    "find_by_colour_shape": 0.0}
 
@@ -466,7 +466,7 @@ def test_demo_merge_command_writes_the_summary_and_seed_mean_figures(tmp_path, c
 
 
 def test_run_seeds_summarises_each_seeds_results_with_their_length_pairs(tmp_path, monkeypatch):
-    import valr.demo as demo
+    from valr.demo import seeds
 
     def fake_run_demo(out, seed, **_):
         run = _seed_run(seed, 0.4 + 0.2 * seed)
@@ -476,8 +476,8 @@ def test_run_seeds_summarises_each_seeds_results_with_their_length_pairs(tmp_pat
         metrics.write_text(json.dumps({"_pairs_tokens": [[12, 1.0], [30, 0.0]]}))
         return run
 
-    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
-    summary = demo.run_seeds(tmp_path, [0, 1], summary_path=tmp_path / "copy.json", command="valr demo --seeds 0,1")
+    monkeypatch.setattr(seeds, "run_demo", fake_run_demo)
+    summary = seeds.run_seeds(tmp_path, [0, 1], summary_path=tmp_path / "copy.json", command="valr demo --seeds 0,1")
     assert summary["seeds"] == [0, 1] and summary["means"]["sft"]["accuracy"] == pytest.approx(0.5)
     assert summary["runs"]["0"]["length_pairs"] == {"sft": {"tokens": [12, 30], "scores": [1.0, 0.0]}}
     assert json.loads((tmp_path / "summary.json").read_text()) == json.loads((tmp_path / "copy.json").read_text())
@@ -513,7 +513,7 @@ def test_progress_ignores_an_interrupted_runs_history(tmp_path):
     on start); its bar must not show that run's steps."""
     import time
 
-    from valr.demo import _history_step
+    from valr.demo.stages import _history_step
 
     hist = tmp_path / "history.jsonl"
     hist.write_text('{"step": 1}\n{"step": 16}\n{"step": 17, "lo')  # the last line half written

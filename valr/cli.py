@@ -74,7 +74,7 @@ def _print_means(summary: dict) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see valr/demo.py
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see valr/demo/__init__.py
     from valr.config import ConfigError
     from valr.demo import DemoConfig, run_demo, run_seeds
 

@@ -20,6 +20,8 @@ from pathlib import Path
 import yaml
 
 from valr import demo
+from valr.demo.pipeline import _run_eval
+from valr.demo.stages import _train
 
 run, out = Path(sys.argv[1]), Path(sys.argv[2])
 ours = ("steps", "every", "phase", "data", "eval")
@@ -34,7 +36,7 @@ val = Path(extra.get("eval") or run / "chains" / "val.jsonl")
 out.mkdir(parents=True, exist_ok=True)
 
 if phase in ("all", "train") and not (out / "train.json").exists():
-    res = demo._train(cfg, out, model=Path(stage0), data=data, stage=1, steps=steps, lr=cfg.stage1_lr,
+    res = _train(cfg, out, model=Path(stage0), data=data, stage=1, steps=steps, lr=cfg.stage1_lr,
                       save_every=every, keep_last=steps // every + 1)
     (out / "train.json").write_text(json.dumps(res, indent=1))
 
@@ -48,7 +50,7 @@ if phase in ("all", "eval"):
         if step in done or not (path / "model.safetensors").exists():
             continue
         edir = out / "eval" / f"step-{step:05d}"
-        demo._run_eval(cfg, str(path), val, edir, "off", 4)
+        _run_eval(cfg, str(path), val, edir, "off", 4)
         s = demo.score_predictions(val, edir / "predictions.jsonl")
         row = {"step": step, "accuracy": s["accuracy"], "by_family": s["accuracy_by_family"],
                "chain_right": s["chain_right_by_family"], "given_chain_right": s["accuracy_given_chain_right"]}

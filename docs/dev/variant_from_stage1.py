@@ -21,6 +21,8 @@ from pathlib import Path
 
 from valr import demo
 from valr.checkpoint import load_checkpoint
+from valr.demo.pipeline import _run_eval
+from valr.demo.stages import _train
 from valr.synth.teacher import teacher_spec
 
 run, out = Path(sys.argv[1]), Path(sys.argv[2])
@@ -40,7 +42,7 @@ if not (out / "train.json").exists():
     t0 = time.time()
     lam = cfg.lambda_align if cfg.k else 0.0
     teachers = [teacher_spec(run / "teacher", image_size=112)] if lam > 0 else []
-    res = demo._train(cfg, out, model=Path(start), data=Path(extra.get("data") or cdir / "train.jsonl"),
+    res = _train(cfg, out, model=Path(start), data=Path(extra.get("data") or cdir / "train.jsonl"),
                       stage=2 if cfg.k else 1, steps=cfg.stage2_steps, lr=cfg.stage2_lr, lambda_align=lam,
                       teachers=teachers, val_data=val_small)
     res.update(seconds=time.time() - t0, config=cfg.to_dict())
@@ -52,7 +54,7 @@ loaded = load_checkpoint(res["checkpoint"])
 val = Path(extra.get("eval") or cdir / "val.jsonl")
 steps = demo.step_token_accuracy(loaded, val, n=128, k=cfg.k, layer=cfg.align_layer)
 views = demo.segment_view_accuracy(loaded, val, out / "features") if cfg.k else {}
-demo._run_eval(cfg, res["checkpoint"], val, out / "eval", "model" if cfg.k else "off", cfg.k or 4)
+_run_eval(cfg, res["checkpoint"], val, out / "eval", "model" if cfg.k else "off", cfg.k or 4)
 scores = demo.score_predictions(val, out / "eval" / "predictions.jsonl")
 (out / "result.json").write_text(json.dumps({"train": res, "step_tokens": steps, "segment_views": views,
                                               "eval": scores}, indent=1))

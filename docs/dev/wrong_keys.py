@@ -16,7 +16,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from valr.demo import _LOOKUP_STEP, key_kind, lookup_error, said_steps
+from valr.demo import key_kind, lookup_error, said_steps
+from valr.demo.scoring import _LOOKUP_STEP
 from valr.synth.world import COLOURS, SHAPES, WorldConfig, generate_scene
 
 
