@@ -220,7 +220,7 @@ def reading_stage(c: DemoConfig, st: Stages, training: dict[str, Any], name: str
 def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfig | None = None,
              progress: bool = True, scale: float = 1.0, overrides: list[str] = ()) -> dict[str, Any]:
     """Run (or resume) the whole demo into ``out``; returns the results object (also ``out/results.json``).
-    ``scale`` multiplies every training stage's steps (the default budget fits about 30 minutes on 2 cores);
+    ``scale`` multiplies every training stage's steps (the default budget takes about 2 h 25 min on 2 cores);
     ``overrides`` are ``key=value`` changes to :class:`DemoConfig`, applied after scaling."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
