@@ -217,6 +217,31 @@ def reading_stage(c: DemoConfig, st: Stages, training: dict[str, Any], name: str
     return Path(training[name]["checkpoint"])
 
 
+@dataclasses.dataclass
+class DemoRun:
+    """What the phases of one demo run share: the recipe, the stage cache, the output directory and every
+    training stage's result by name (checkpoint and history summary)."""
+
+    c: DemoConfig
+    st: Stages
+    out: Path
+    progress: bool
+    training: dict[str, Any] = dataclasses.field(default_factory=dict)
+    stage0_final: str = ""  # the stage-0 stage whose checkpoint stage 1 starts from (set by perception_stages)
+
+    @property
+    def wdir(self) -> Path:  # the world: images, labels, read records
+        return self.out / "world"
+
+    @property
+    def cdir(self) -> Path:  # the question records in the current text format
+        return self.out / "chains"
+
+    @property
+    def aligned_dir(self) -> Path:  # the records the aligned variants train on (focus targets when asked)
+        return self.out / "focus" if self.c.step_targets == "focus" else self.cdir
+
+
 def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfig | None = None,
              progress: bool = True, scale: float = 1.0, overrides: list[str] = ()) -> dict[str, Any]:
     """Run (or resume) the whole demo into ``out``; returns the results object (also ``out/results.json``).
@@ -227,11 +252,21 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
     cfg = (cfg or DemoConfig.for_mode(quick, seed)).scaled(scale).with_overrides(list(overrides))
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    st = Stages(out)
+    run = DemoRun(cfg, Stages(out), out, progress)
     t_start = time.perf_counter()
-    c = cfg
+    world = data_stages(run)  # 1.
+    teacher, percept = teacher_stage(run)  # 2.
+    vision, stage0_checks = perception_stages(run)  # 3.
+    frac_name = variant_stages(run, percept)  # 4. and 5.
+    evals = evaluations(run, frac_name)  # 6.
+    reading = reading_probes(run, vision["checkpoint"])
+    return write_results(run, world, teacher, stage0_checks, evals, reading, frac_name, t_start)  # 7.
 
-    # 1. world
+
+def data_stages(run: DemoRun) -> dict[str, Any]:
+    """1. The world (scenes, images, labels, read records) and the chains (its questions in the current text
+    format). Returns the world stage's result."""
+    c, st, wdir = run.c, run.st, run.wdir
     world_key = {k: getattr(c, k) for k in ("seed", "n_train", "n_val", "n_test", "n_min", "n_max", "n_views",
                                             "cell_tint", "view_shade")}
     from valr.synth.dataset import FORMAT_VERSION
@@ -262,7 +297,6 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
                                      "n_images")}, "n_shaded_images": shaded, "n_read_records": n_read}
 
     world = st.run("world", world_key, do_world)
-    wdir = out / "world"
 
     def do_chains(d: Path):
         if c.fixed_options:  # other question draws take other scenes: render and shade them here
@@ -282,32 +316,35 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
     chains_key.update({k: True for k in ("fixed_options", "tally_counts") if getattr(c, k)})  # absent when off, as
     # before the options existed
     st.run("chains", chains_key, do_chains)
-    cdir = out / "chains"
+    return world
 
-    # 2. perception teacher
+
+def teacher_stage(run: DemoRun) -> tuple[dict[str, Any], Any]:
+    """2. The perception teacher, trained on the world's per-cell labels. Returns its result and its spec."""
+    c, st = run.c, run.st
     teacher_key = {"world": st.fps["world"], "teacher": c.teacher.to_dict()}
 
     def do_teacher(d: Path):
         from valr.synth.teacher import train_perception_teacher
 
-        return train_perception_teacher(wdir, d, dataclasses.replace(c.teacher, seed=c.seed), progress=progress)
+        return train_perception_teacher(run.wdir, d, dataclasses.replace(c.teacher, seed=c.seed),
+                                        progress=run.progress)
 
     teacher = st.run("teacher", teacher_key, do_teacher)
     from valr.synth.teacher import teacher_spec
 
-    percept = teacher_spec(out / "teacher", image_size=112)
+    return teacher, teacher_spec(run.out / "teacher", image_size=112)
 
+
+def perception_stages(run: DemoRun) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """3. Stage 0, perception pretraining of the MLLM: the vision tower on dense labels, then reading cells by
+    address, finding them by content, and extensions while held-out reading is under target. Sets
+    ``run.stage0_final`` (the stage that stage 1 starts from); returns the vision stage's result and the
+    reading checks."""
+    c, st, training, wdir, progress = run.c, run.st, run.training, run.wdir, run.progress
     model_key = {k: getattr(c, k) for k in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vision_depth",
                                             "vision_hidden", "vision_heads", "batch_size", "warmup_ratio")}
-    # what only the latent variants use is in their own keys, so a K or layer sweep reuses stages 0 and 1
-    latent_key = {k: getattr(c, k) for k in ("k", "align_layer", "train_mode", "projector_width", "center_targets",
-                                             "latent_after")}
-    if c.latent_feed != "hidden":  # absent for the paper's feedback, as before the option existed
-        latent_key["latent_feed"] = c.latent_feed
-    if c.aligned_latents:  # likewise absent when all K are aligned
-        latent_key["aligned_latents"] = c.aligned_latents
 
-    # 3. stage 0: perception pretraining of the MLLM: the vision tower on dense labels, then reading cells
     def do_vision(d: Path):
         base = build_base(c, wdir, d / "base")
         res = pretrain_vision(base, wdir, d / "model", c.vision_steps, c.stage0_batch_size, c.vision_lr, c.seed,
@@ -315,7 +352,6 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
         shutil.rmtree(base)
         return res
 
-    training: dict[str, Any] = {}
     vision_key = {"world": st.fps["world"], "model": model_key, "steps": c.vision_steps, "lr": c.vision_lr,
                   "batch": c.stage0_batch_size}
     if not c.vision_position_heads:  # absent when on, as before the option existed
@@ -331,20 +367,37 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
         up = "stage0_one_view"
     reading_stage(c, st, training, "stage0", up, start, c.stage0_steps, wdir / "read.jsonl", progress)
     found, extension_data = finding_stages(c, st, training, wdir, progress)
-    stage0_final, stage0_checks = reading_to_target(c, st, training, wdir, cdir, found, extension_data, progress)
+    run.stage0_final, checks = reading_to_target(c, st, training, wdir, run.cdir, found, extension_data, progress)
+    return vision, checks
 
-    def stage1(name: str, fraction: float):
-        def fn(d: Path):
-            return _train(c, d, model=Path(training[stage0_final]["checkpoint"]), data=cdir / "train.jsonl",
-                          stage=1, steps=c.stage1_steps, lr=c.stage1_lr, data_fraction=fraction, progress=progress)
-        training[name] = st.run(name, {"up": st.fps[stage0_final], "steps": c.stage1_steps, "lr": c.stage1_lr,
-                                       "fraction": fraction, "data": st.fps["chains"]}, fn)
 
-    # 4. stage 1 (CoT SFT)
-    stage1("stage1", 1.0)
+def latent_key(c: DemoConfig) -> dict[str, Any]:
+    """What only the latent variants use: in their own cache keys, so a K or layer sweep reuses stages 0 and 1."""
+    key = {k: getattr(c, k) for k in ("k", "align_layer", "train_mode", "projector_width", "center_targets",
+                                      "latent_after")}
+    if c.latent_feed != "hidden":  # absent for the paper's feedback, as before the option existed
+        key["latent_feed"] = c.latent_feed
+    if c.aligned_latents:  # likewise absent when all K are aligned
+        key["aligned_latents"] = c.aligned_latents
+    return key
 
-    # 5. variants; the aligned ones train on records whose step targets are focus images when asked
-    aligned_dir = cdir
+
+def stage1(run: DemoRun, name: str, fraction: float) -> None:
+    """Chain-of-thought SFT from stage 0's last model on ``fraction`` of the training records."""
+    c, st, training = run.c, run.st, run.training
+
+    def fn(d: Path):
+        return _train(c, d, model=Path(training[run.stage0_final]["checkpoint"]), data=run.cdir / "train.jsonl",
+                      stage=1, steps=c.stage1_steps, lr=c.stage1_lr, data_fraction=fraction, progress=run.progress)
+    training[name] = st.run(name, {"up": st.fps[run.stage0_final], "steps": c.stage1_steps, "lr": c.stage1_lr,
+                                   "fraction": fraction, "data": st.fps["chains"]}, fn)
+
+
+def variant_stages(run: DemoRun, percept: Any) -> str | None:
+    """4. Stage 1, then 5. the variants from it (the aligned ones on records whose step targets are focus images
+    when asked), two at a time by default. Returns the data-efficiency VaLR-S's name, if it ran."""
+    c, st, training, cdir = run.c, run.st, run.training, run.cdir
+    stage1(run, "stage1", 1.0)
     if c.step_targets == "focus":
         def do_focus(d: Path):
             from valr.synth.dataset import world_config
@@ -359,23 +412,23 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
             return res
 
         st.run("focus", {"chains": st.fps["chains"], "view_shade": c.view_shade, "v": 1}, do_focus)
-        aligned_dir = out / "focus"
 
     jobs: list[tuple[str, dict[str, Any], Callable[[Path], Any]]] = []  # the variants, trained together below
+    latent = latent_key(c)
 
     def variant(name: str, up: str, stage: int, lam: float, teachers: list, fraction: float = 1.0,
                 feed: str | None = None):
-        ddir = aligned_dir if teachers else cdir
+        ddir = run.aligned_dir if teachers else cdir
         fn = functools.partial(_train, c, model=Path(training[up]["checkpoint"]), data=ddir / "train.jsonl",
                                stage=stage, steps=c.stage2_steps, lr=c.stage2_lr, lambda_align=lam,
                                teachers=teachers, data_fraction=fraction, latent_feed=feed,
                                val_data=ddir / "val_small.jsonl" if stage == 2 else None,
-                               progress=progress and c.variant_workers == 1)
+                               progress=run.progress and c.variant_workers == 1)
         key = {"up": st.fps[up], "stage": stage, "lambda": lam, "teachers": [dataclasses.asdict(t) for t in teachers],
                "steps": c.stage2_steps, "lr": c.stage2_lr, "projector_lr": c.projector_lr, "fraction": fraction,
                "teacher_fp": st.fps["teacher"] if teachers else None}
         if stage == 2:
-            key["latent"] = {**latent_key, "latent_feed": feed} if feed else latent_key
+            key["latent"] = {**latent, "latent_feed": feed} if feed else latent
         if teachers and c.step_targets != "view":  # absent for view targets, as before the option existed
             key["targets"] = st.fps["focus"]
         if c.variant_workers == 1:
@@ -395,14 +448,19 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
     frac_name = None
     if c.data_fraction and c.data_fraction < 1.0:
         tag = f"f{round(100 * c.data_fraction)}"
-        stage1(f"stage1_{tag}", c.data_fraction)
+        stage1(run, f"stage1_{tag}", c.data_fraction)
         frac_name = f"valr_s_{tag}"
         variant(frac_name, f"stage1_{tag}", 2, c.lambda_align, [percept], c.data_fraction)
     if jobs:  # longest first, so the short ones fill in beside them
         jobs.sort(key=lambda j: (j[1]["stage"], bool(j[1]["teachers"])), reverse=True)
         training.update(st.run_parallel(jobs, c.variant_workers))
+    return frac_name
 
-    # 6. evaluation
+
+def evaluations(run: DemoRun, frac_name: str | None) -> dict[str, dict[str, Any]]:
+    """6. Greedy generation on the test split for every variant (VaLR-S also at the other test-time K), each
+    a cached stage, scored again from its stored predictions. Returns the metrics by label."""
+    c, st, training, cdir = run.c, run.st, run.training, run.cdir
     test_file = cdir / f"{c.eval_split}.jsonl"
     evals: dict[str, dict[str, Any]] = {}
 
@@ -434,12 +492,18 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
     for k in c.test_ks:
         if k != c.k:
             evaluate(f"valr_s_k{k}", "valr_s", "model", k)
+    return evals
 
-    # reading probe: does each stage's model read cells by address? (held-out validation scenes)
+
+def reading_probes(run: DemoRun, vision_checkpoint: str) -> dict[str, Any]:
+    """Does each stage's model read and find cells (held-out validation scenes), where do the chains go wrong
+    (teacher-forced step tokens), and does each VaLR-S segment carry its step's view? One cached stage."""
+    c, st, training, wdir, cdir = run.c, run.st, run.training, run.wdir, run.cdir
+
     def do_reading(d: Path):
         names = ["vision", *(n for n in training if n.startswith("stage0_find")
                              or n in ("stage0_one_view", "stage0", "stage1", "sft", "latent_no_align", "valr_s"))]
-        ckpts = {"vision": vision["checkpoint"], **{n: training[n]["checkpoint"] for n in names[1:]}}
+        ckpts = {"vision": vision_checkpoint, **{n: training[n]["checkpoint"] for n in names[1:]}}
         from valr.checkpoint import load_checkpoint
 
         res = {}
@@ -451,14 +515,20 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
                 res[n]["step_tokens"] = step_token_accuracy(loaded, cdir / "val.jsonl", n=min(128, c.n_val), k=k,
                                                             layer=c.align_layer)
             if n == "valr_s":  # does each latent segment carry its step's view (the alignment's target)?
-                res[n]["segment_views"] = segment_view_accuracy(loaded, aligned_dir / "val.jsonl", out / n / "features",
-                                                                n=min(96, c.n_val))
+                res[n]["segment_views"] = segment_view_accuracy(loaded, run.aligned_dir / "val.jsonl",
+                                                                run.out / n / "features", n=min(96, c.n_val))
         return res
 
-    reading = st.run("eval/reading", {"up": [st.fps[n] for n in st.fps if not n.startswith("eval/")], "v": 9},
-                     do_reading)
+    return st.run("eval/reading", {"up": [st.fps[n] for n in st.fps if not n.startswith("eval/")], "v": 9},
+                  do_reading)
 
-    # 7. results
+
+def write_results(run: DemoRun, world: dict[str, Any], teacher: dict[str, Any], stage0_checks: list[dict[str, Any]],
+                  evals: dict[str, dict[str, Any]], reading: dict[str, Any], frac_name: str | None,
+                  t_start: float) -> dict[str, Any]:
+    """7. ``results.json``, ``report.md`` and the figures from every stage's result. Returns the results."""
+    c, st, training, out = run.c, run.st, run.training, run.out
+
     def public(m: dict[str, Any]) -> dict[str, Any]:
         p = {k: v for k, v in m.items() if not k.startswith("_")}
         p["accuracy_long"] = _long_chain_accuracy(m)
@@ -510,7 +580,7 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
         "n_test": variants.get("sft", {}).get("n"),
     }
     results["eval_split"] = c.eval_split
-    prior = prior_baseline(cdir, test_file, c.eval_limit)
+    prior = prior_baseline(run.cdir, run.cdir / f"{c.eval_split}.jsonl", c.eval_limit)
     prior["accuracy_long"] = _long_chain_accuracy(prior)
     results["prior_baseline"] = prior
     best = max(v["accuracy"] for v in variants.values()) if variants else 0.0
