@@ -92,6 +92,11 @@ def test_patch_losses_average_to_the_loss():
     torch.testing.assert_close(per.mean(), loss)
     one = aligner.patch_losses("t", states[1:2], feats[1:2], (3, 3))
     torch.testing.assert_close(one[0], per[1])  # a segment's losses do not depend on the others
+    # one segment against several images at once (the segment-view probe) = one image at a time
+    against_all = aligner.patch_losses("t", states[1:2], feats, (3, 3))
+    assert against_all.shape == (3, 9)
+    for v in range(3):
+        torch.testing.assert_close(against_all[v], aligner.patch_losses("t", states[1:2], feats[v:v + 1], (3, 3))[0])
 
 
 def test_multi_teacher_mean_and_mixed_grids():

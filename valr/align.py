@@ -143,7 +143,8 @@ class Aligner(nn.Module):
     def patch_losses(self, name: str, states: torch.Tensor, feats: torch.Tensor, grid: tuple[int, int]
                      ) -> torch.Tensor:
         """The loss before averaging: 1 - cos per segment and patch ``(S, gh*gw)``, against features ``(S, P, Dt)``
-        (e.g. where in the grid the latents render their view and where not)."""
+        (e.g. where in the grid the latents render their view and where not). One segment (``S = 1``) against
+        ``V`` images' features ``(V, P, Dt)`` gives ``(V, gh*gw)``: it is projected once."""
         return patch_cosine_distance(self.predict(name, states, grid), self.targets(feats.to(states.device)))
 
     def loss(self, states: torch.Tensor, targets: dict[str, list[tuple[int, torch.Tensor, tuple[int, int]]]],

@@ -76,9 +76,15 @@ def segment_view_accuracy(loaded: Any, records_file: Path, feature_cache: Path |
             if target is None or len(views) < 2:
                 continue
             states = out.latent_states[row:row + 1]  # the training loss of this segment against each view
-            with torch.no_grad():
-                per_patch = [aligner.patch_losses(teacher.name, states, feats[v][0][None], feats[v][1])[0]
-                             for v in views]
+            by_grid: dict[tuple[int, int], list[Path]] = defaultdict(list)
+            for v in views:
+                by_grid[tuple(feats[v][1])].append(v)
+            losses: dict[Path, torch.Tensor] = {}
+            with torch.no_grad():  # one projection per grid, compared with all of that grid's views
+                for grid, vs in by_grid.items():
+                    stacked = torch.stack([feats[v][0] for v in vs])
+                    losses.update(zip(vs, aligner.patch_losses(teacher.name, states, stacked, grid), strict=True))
+            per_patch = [losses[v] for v in views]
             d = [float(x.mean()) for x in per_patch]
             t = views.index(Path(target))
             own.append(d[t])
