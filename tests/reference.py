@@ -19,17 +19,30 @@ def naive_feed(bb, h: torch.Tensor, how: str, slot_id: int | None = None) -> tor
     return h * (table.pow(2).mean().sqrt() / h.pow(2).mean().sqrt())
 
 
-def naive_latent_forward(bb, single: Batch, layer: int, feed: str = "hidden"):
+def naive_bottleneck_mask(ids: list[int], image_id: int, slots: list[int]) -> torch.Tensor:
+    """(1, 1, L, L): row i sees column j <= i, except that only image and slot rows see image columns."""
+    image = [t == image_id for t in ids]
+    sees = [image[i] or i in slots for i in range(len(ids))]
+    return torch.tensor([[j <= i and (sees[i] or not image[j]) for j in range(len(ids))]
+                         for i in range(len(ids))])[None, None]
+
+
+def naive_latent_forward(bb, single: Batch, layer: int, feed: str = "hidden", bottleneck: bool = False):
     """A batch of one sample: for every slot in order, recompute the whole prefix without a cache and feed back
-    the last hidden state. Returns (final hidden (L, D), alignment-layer states at slots, slot inputs)."""
+    the last hidden state. Returns (final hidden (L, D), alignment-layer states at slots, slot inputs).
+    ``bottleneck``: under :func:`naive_bottleneck_mask` (the sample must have no padding)."""
     assert single.size == 1
     ids, mask = single.input_ids, single.attention_mask
     embeds = bb.embed(ids, single.images)[0]
     pos = bb.position_ids(ids, mask, single.images)
     rows = list(embeds)
     slots = single.slot_positions(0)
+    if bottleneck:
+        assert bool(mask.all())
+        mask = naive_bottleneck_mask(ids[0].tolist(), bb.image_token_id, slots)
     for s in slots:
-        out = bb.decode(torch.stack(rows[:s])[None], pos[:, :, :s], mask[:, :s], None)
+        prefix_mask = mask[..., :s, :s] if bottleneck else mask[:, :s]
+        out = bb.decode(torch.stack(rows[:s])[None], pos[:, :, :s], prefix_mask, None)
         rows[s] = naive_feed(bb, out.last_hidden[0, -1], feed, int(ids[0, s]))
     out = bb.decode(torch.stack(rows)[None], pos, mask, None, layer)
     inputs = torch.stack([rows[s] for s in slots]) if slots else embeds[:0]
@@ -37,14 +50,18 @@ def naive_latent_forward(bb, single: Batch, layer: int, feed: str = "hidden"):
 
 
 def naive_generate(bb, tok, latent, prompt_ids: list[int], images, policy: str, k: int, max_new_tokens: int,
-                   step_end: torch.Tensor, eos: list[int], feed: str = "hidden"):
+                   step_end: torch.Tensor, eos: list[int], feed: str = "hidden", bottleneck: bool = False):
     """Greedy generation by full recomputation at every position (batch 1, no cache, no padding).
+    ``bottleneck``: only image tokens and fed latents attend to the image tokens (a lower-triangular mask with
+    those columns removed from every other row).
 
     Returns (generated token ids, list of fed-back latent vectors).
     """
     ids = torch.tensor([prompt_ids])
     mask = torch.ones_like(ids)
     rows = list(bb.embed(ids, images)[0])
+    image_row = [t == bb.image_token_id for t in prompt_ids]  # per row of ``rows``
+    sees = list(image_row)
     pos = bb.position_ids(ids, mask, images)[:, 0]
     next_pos = int(pos[0, -1]) + 1
     emb = bb.model.get_input_embeddings()
@@ -52,10 +69,18 @@ def naive_generate(bb, tok, latent, prompt_ids: list[int], images, policy: str, 
     left, close, boundary = 0, False, policy == "force"
     banned = [latent.end, latent.slot] + ([latent.start] if policy == "off" else [])
     while True:
-        out = bb.decode(torch.stack(rows)[None], pos[:, None], torch.ones(1, len(rows), dtype=torch.long), None)
+        if bottleneck:
+            n = len(rows)
+            m = torch.tensor([[j <= i and (sees[i] or not image_row[j]) for j in range(n)] for i in range(n)])
+            m = m[None, None]
+        else:
+            m = torch.ones(1, len(rows), dtype=torch.long)
+        out = bb.decode(torch.stack(rows)[None], pos[:, None], m, None)
         h = out.last_hidden[0, -1]
         if left > 0:
             rows.append(naive_feed(bb, h, feed, latent.slot))
+            image_row.append(False)
+            sees.append(True)
             fed.append(rows[-1])
             left -= 1
             close = left == 0
@@ -75,5 +100,7 @@ def naive_generate(bb, tok, latent, prompt_ids: list[int], images, policy: str, 
             if t in eos or len(tokens) >= max_new_tokens:
                 return tokens, fed
             rows.append(emb(torch.tensor(t)))
+            image_row.append(False)
+            sees.append(False)
         pos = torch.cat([pos, torch.full((3, 1), next_pos)], 1)
         next_pos += 1

@@ -63,6 +63,30 @@ def setup(tmp_path_factory):
     return root, valr, plain, data
 
 
+def test_trace_follows_the_image_bottleneck(setup):
+    """Under the image bottleneck the trace's forward reproduces generation (each fed latent is the hidden state
+    before it) and no text position puts attention on an image token."""
+    _, valr, _, data = setup
+    subject = load_subject(valr, policy="force", k=4)
+    subject.backbone.image_bottleneck = True
+    samples = load_samples(data)
+    results = generate(subject, samples, generation_config(subject, 14), batch_size=4)
+    checked = 0
+    for s, r in zip(samples, results, strict=True):
+        trace = build_trace(subject, s, r)
+        fw = forward_trace(subject, trace, attentions=True)
+        for i, kind in enumerate(trace.kinds):
+            if kind == "latent":
+                torch.testing.assert_close(fw.final[trace.prompt_len + i - 1], trace.embeds[trace.prompt_len + i],
+                                           atol=1e-5, rtol=1e-4)
+                checked += 1
+        image = trace.image_of_column >= 0
+        text = [trace.prompt_len + i for i, kind in enumerate(trace.kinds) if kind != "latent"]
+        if bool(image.any()) and text:
+            assert float(attention_mass(fw.attentions, torch.tensor(text), image).max()) < 1e-6
+    assert checked > 0
+
+
 def test_attention_mass_hand_built():
     attn = torch.zeros(2, 2, 3, 3)  # (layers, heads, query, key)
     attn[0, 0, 2] = torch.tensor([0.5, 0.25, 0.25])

@@ -100,6 +100,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
         raise ValueError(f"{path / VALR_CONFIG}: latent_feed {config.latent_feed!r} is not one of "
                          f"{list(LATENT_FEEDS)}; fix the file (the paper's feedback is 'hidden')")
     backbone = backbone_for(model, image_processor=image_processor, latent_feed=config.latent_feed)
+    backbone.image_bottleneck = config.image_bottleneck
     if meta:
         shapes = meta.get("projectors")
         if shapes and (path / PROJECTORS).is_file():

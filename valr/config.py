@@ -47,6 +47,10 @@ class ValrConfig:
     # the teacher, so they are free to carry what the text needs (e.g. K=20 with 16 aligned: a 4 x 4 grid and 4
     # free latents). Saved with every checkpoint, so probes and diagnostics read the same grid
     aligned_latents: int = 0
+    # a diagnostic layout, not the paper's method: only latent slots (and image tokens) attend to the image tokens,
+    # so the text, question included, sees the images through the latents alone (valr.backbones.base). Saved with
+    # every checkpoint, so generation and evaluation of the model use the same layout
+    image_bottleneck: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

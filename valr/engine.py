@@ -27,7 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from valr.backbones.base import Backbone, feeds_back, latent_feeder
+from valr.backbones.base import (
+    Backbone,
+    block_image_keys,
+    causal_mask,
+    chunk_mask,
+    feeds_back,
+    image_bottleneck,
+    latent_feeder,
+)
 from valr.data.collate import Batch
 from valr.data.layout import IGNORE
 
@@ -63,10 +71,28 @@ def _inputs(backbone: Backbone, batch: Batch) -> tuple[torch.Tensor, torch.Tenso
     return embeds, positions
 
 
+def _is_image(backbone: Backbone, ids: torch.Tensor) -> torch.Tensor:
+    return ids == backbone.image_token_id
+
+
+def full_mask(backbone: Backbone, batch: Batch) -> torch.Tensor:
+    """The decoder mask of a full-sequence pass: the (B, L) padding mask, or under the image bottleneck a
+    (B, 1, L, L) causal mask in which only image tokens and latent slots see the image tokens."""
+    device = backbone.model.device
+    mask = batch.attention_mask.to(device)
+    if not image_bottleneck(backbone):
+        return mask
+    is_image = _is_image(backbone, batch.input_ids.to(device))
+    sees = is_image.clone()
+    for b in range(sees.shape[0]):
+        sees[b, batch.slot_positions(b)] = True
+    return block_image_keys(causal_mask(mask), is_image, sees)
+
+
 def forward_plain(backbone: Backbone, batch: Batch, layer: int | None = None) -> EngineOutput:
     """One full-sequence pass: the stage-1 (plain CoT SFT) step, and the reference cost for benchmarks."""
     embeds, positions = _inputs(backbone, batch)
-    out = backbone.decode(embeds, positions, batch.attention_mask.to(embeds.device), None, layer)
+    out = backbone.decode(embeds, positions, full_mask(backbone, batch), None, layer)
     loss, n = cross_entropy(backbone, out.last_hidden, batch.labels.to(embeds.device))
     empty = embeds.new_zeros(0, batch.k, embeds.shape[-1])
     return EngineOutput(out.last_hidden, loss, n, empty, empty, [])
@@ -92,7 +118,7 @@ def _round_plan(batch: Batch) -> list[list[tuple[int, int]]]:
 
 def _round_step(backbone: Backbone, layer: int, past_k: list[list[torch.Tensor]],
                 past_v: list[list[torch.Tensor]], chunk: torch.Tensor, chunk_pos: torch.Tensor,
-                full_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """One decoder pass over a round's chunk on top of the cached rounds. Side-effect free (re-run by
     checkpointing): builds a fresh cache from the chunk lists and returns the new K/V chunk per layer."""
     cache = backbone.new_cache()
@@ -101,7 +127,7 @@ def _round_step(backbone: Backbone, layer: int, past_k: list[list[torch.Tensor]]
         for i, (ks, vs) in enumerate(zip(past_k, past_v, strict=True)):
             cache.update(torch.cat(ks, 2), torch.cat(vs, 2), i)
         past = cache.get_seq_length()
-    out = backbone.decode(chunk, chunk_pos, full_mask, cache, layer)
+    out = backbone.decode(chunk, chunk_pos, mask, cache, layer)
     keys = [lay.keys[:, :, past:].clone() for lay in out.cache.layers]
     values = [lay.values[:, :, past:].clone() for lay in out.cache.layers]
     return (out.last_hidden, out.layer_hidden, *keys, *values)
@@ -121,6 +147,9 @@ def _run_rounds(backbone: Backbone, batch: Batch, embeds: torch.Tensor, position
     past_k: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
     past_v: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
     past_masks: list[torch.Tensor] = []
+    bottleneck = image_bottleneck(backbone)
+    is_image = _is_image(backbone, batch.input_ids.to(device)) if bottleneck else None
+    past_images: list[torch.Tensor] = []  # per round, which chunk columns are image tokens (bottleneck only)
     prev_h: list[torch.Tensor | None] = [None] * batch_size  # each sample's next latent input
     feed = latent_feeder(backbone)
     if not differentiable and torch.is_grad_enabled():
@@ -140,6 +169,7 @@ def _run_rounds(backbone: Backbone, batch: Batch, embeds: torch.Tensor, position
                 idx = torch.tensor(keep, device=device)
                 cache.reorder_cache(idx)
                 past_masks = [m[idx] for m in past_masks]
+                past_images = [m[idx] for m in past_images]
                 members = [members[i] for i in keep]
         rows, pos_rows, valid = [], [], torch.zeros(len(members), width, dtype=torch.long, device=device)
         for i, b in enumerate(members):
@@ -158,7 +188,19 @@ def _run_rounds(backbone: Backbone, batch: Batch, embeds: torch.Tensor, position
             valid[i, :n] = 1
         chunk = torch.stack(rows, 0)
         chunk_pos = torch.stack(pos_rows, 1)
-        full_mask = torch.cat([*past_masks, valid], 1)
+        if bottleneck:  # only image tokens and the round's slot (its first column, after round 0) see images
+            images = torch.zeros_like(valid, dtype=torch.bool)
+            for i, b in enumerate(members):
+                a, e = spans[b]
+                images[i, :e - a] = is_image[b, a:e]
+            sees = images.clone()
+            if r > 0:
+                sees[:, 0] |= valid[:, 0].bool()
+            past_valid = torch.cat(past_masks, 1) if past_masks else valid[:, :0]
+            mask = block_image_keys(chunk_mask(past_valid, valid), torch.cat([*past_images, images], 1), sees)
+            past_images.append(images)
+        else:
+            mask = torch.cat([*past_masks, valid], 1)
         if differentiable:
             snapshot_k = [list(x) for x in past_k]
             snapshot_v = [list(x) for x in past_v]
@@ -166,13 +208,13 @@ def _run_rounds(backbone: Backbone, batch: Batch, embeds: torch.Tensor, position
             def step(c, p, m, _k=snapshot_k, _v=snapshot_v):
                 return _round_step(backbone, layer, _k, _v, c, p, m)
 
-            outs = checkpoint(step, chunk, chunk_pos, full_mask, use_reentrant=False)
+            outs = checkpoint(step, chunk, chunk_pos, mask, use_reentrant=False)
             last, lay = outs[0], outs[1]
             for j in range(n_layers):
                 past_k[j].append(outs[2 + j])
                 past_v[j].append(outs[2 + n_layers + j])
         else:
-            out = backbone.decode(chunk, chunk_pos, full_mask, cache, layer)
+            out = backbone.decode(chunk, chunk_pos, mask, cache, layer)
             last, lay = out.last_hidden, out.layer_hidden
         past_masks.append(valid)
         for i, b in enumerate(members):
@@ -226,7 +268,7 @@ def forward_latent(backbone: Backbone, batch: Batch, layer: int, mode: Mode = "e
                 filled = embeds.index_put((torch.tensor(b_idx), torch.tensor(t_idx)), vectors)
         else:  # each slot keeps the slot token's embedding, with its gradient
             inputs = [[embeds[b, t] for t in ts] for b, ts in enumerate(slots)]
-        out = backbone.decode(filled, positions, batch.attention_mask.to(embeds.device), None, layer)
+        out = backbone.decode(filled, positions, full_mask(backbone, batch), None, layer)
         hidden = out.last_hidden
         at_slots = [[out.layer_hidden[b, t] for t in ts] for b, ts in enumerate(slots)]
         latent_states, owner = _group_segments(batch, at_slots, dim, embeds)

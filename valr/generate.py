@@ -68,7 +68,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from valr.backbones.base import Backbone, ImageInputs, latent_feeder
+from valr.backbones.base import Backbone, ImageInputs, block_image_keys, causal_mask, image_bottleneck, latent_feeder
 from valr.data.layout import prompt_ids
 from valr.tokens import LatentTokenIds, step_end_table
 
@@ -205,7 +205,10 @@ class Generator:
         batch = ids.shape[0]
         lat = self.latent
         positions = bb.position_ids(ids, mask, images)
-        out = bb.decode(bb.embed(ids, images), positions, mask, bb.new_cache(append_only=True))
+        bottleneck = image_bottleneck(bb)  # only latent slots (and image tokens) see the image tokens
+        key_images = ids == bb.image_token_id if bottleneck else None
+        prefill_mask = block_image_keys(causal_mask(mask), key_images, key_images) if bottleneck else mask
+        out = bb.decode(bb.embed(ids, images), positions, prefill_mask, bb.new_cache(append_only=True))
         cache, hidden = out.cache, out.last_hidden[:, -1]
         next_pos = positions[0, :, -1] + 1  # the last prompt token is text: same position on all axes
         embed = bb.model.get_input_embeddings()
@@ -319,8 +322,12 @@ class Generator:
             inputs = embed(feed_ids)
             inputs = torch.where(feed_hidden[:, None], fed.to(inputs.dtype), inputs)
             mask = torch.cat([mask, active[:, None]], 1)
+            step_mask = mask
+            if bottleneck:
+                key_images = torch.cat([key_images, torch.zeros_like(key_images[:, :1])], 1)
+                step_mask = block_image_keys(mask.bool()[:, None, None, :], key_images, feed_hidden[:, None])
             pos = next_pos.view(1, batch, 1).expand(3, batch, 1)
-            out = bb.decode(inputs[:, None], pos, mask, cache)
+            out = bb.decode(inputs[:, None], pos, step_mask, cache)
             cache, hidden = out.cache, out.last_hidden[:, -1]
             next_pos = next_pos + active
         results = [self._result(tokens[b], per_ids[b], n_latent[b], latents[b], cfg, finished[b])

@@ -47,6 +47,7 @@ class Objective:
                           f"this objective's config says {config.latent_feed!r}, which is used from now on",
                           stacklevel=2)
         backbone.latent_feed = config.latent_feed
+        backbone.image_bottleneck = config.image_bottleneck  # likewise the config's layout
         self.backbone = backbone
         self.config = config
         if teachers is None:

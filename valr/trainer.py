@@ -495,6 +495,7 @@ class _Trainer:
         self.ip = loaded.image_processor
         self.backbone = loaded.backbone
         self.backbone.latent_feed = cfg.valr.latent_feed  # this run's setting, whatever the source checkpoint had
+        self.backbone.image_bottleneck = cfg.valr.image_bottleneck  # likewise
         self.image_side = ImageSide.of(loaded.backbone)
         v = cfg.valr
         self.k = v.k if cfg.stage == 2 else 0

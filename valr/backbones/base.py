@@ -173,3 +173,43 @@ def backbone_for(model: PreTrainedModel, **kwargs) -> Backbone:
         raise ValueError(f"no valr backbone for model_type {model_type!r}; supported: {sorted(_REGISTRY)}. "
                          "Add one by implementing valr.backbones.base.Backbone and calling register_backbone.")
     return _REGISTRY[model_type](model, **kwargs)
+
+
+# The image bottleneck (a diagnostic layout, not the paper's method): only image tokens and latent slots attend to
+# image tokens, so every text token, the question's included, reaches the images through the latents alone.
+# Comparing latents without alignment against VaLR under it measures whether the alignment makes the latents
+# carry what the text needs from the image (docs/results.md, What next 4(c)). Off unless a backbone sets
+# ``image_bottleneck = True`` (from ``valr.image_bottleneck`` of the run or checkpoint).
+
+
+def image_bottleneck(backbone: Backbone) -> bool:
+    return bool(getattr(backbone, "image_bottleneck", False))
+
+
+def causal_mask(valid: torch.Tensor) -> torch.Tensor:
+    """(B, L) key mask -> (B, 1, L, L) boolean causal mask. Every position attends to itself, padding included, so
+    no row is empty (padded rows are ignored downstream)."""
+    length = valid.shape[1]
+    tri = torch.tril(torch.ones(length, length, dtype=torch.bool, device=valid.device))
+    eye = torch.eye(length, dtype=torch.bool, device=valid.device)
+    return ((tri[None] & valid.bool()[:, None, :]) | eye[None])[:, None]
+
+
+def chunk_mask(past_valid: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """A chunk of W positions decoded on top of P cached columns: (B, P) and (B, W) key masks ->
+    (B, 1, W, P + W) boolean mask (all valid cached columns, then causal within the chunk)."""
+    past = past_valid.bool()[:, None, :].expand(-1, valid.shape[1], -1)
+    return torch.cat([past, causal_mask(valid)[:, 0]], -1)[:, None]
+
+
+def block_image_keys(mask: torch.Tensor, key_is_image: torch.Tensor, query_sees: torch.Tensor) -> torch.Tensor:
+    """Remove image keys from the rows of queries that may not see them: ``mask`` (B, 1, Q, K) boolean,
+    ``key_is_image`` (B, K), ``query_sees`` (B, Q) (image tokens and latent slots; so no row loses its own
+    column)."""
+    return mask & ~(key_is_image.bool()[:, None, None, :] & ~query_sees.bool()[:, None, :, None])
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean (B, 1, Q, K) mask as the additive float mask every attention implementation reads the same way
+    (eager attention adds a boolean mask as 0/1 instead of masking)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)

@@ -12,7 +12,14 @@ from PIL import Image
 from transformers import AutoImageProcessor, Cache, DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
-from valr.backbones.base import AppendOnlyLayer, DecoderOutput, ImageInputs, check_latent_feed, register_backbone
+from valr.backbones.base import (
+    AppendOnlyLayer,
+    DecoderOutput,
+    ImageInputs,
+    additive_mask,
+    check_latent_feed,
+    register_backbone,
+)
 
 
 class QwenVLBackbone:
@@ -85,6 +92,8 @@ class QwenVLBackbone:
     def decode(self, embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
                cache: Cache | None, layer: int | None = None) -> DecoderOutput:
         cache = self.new_cache() if cache is None else cache
+        if attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
+            attention_mask = additive_mask(attention_mask, embeds.dtype)
         out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                       cache=cache, use_cache=True, output_hidden_states=layer is not None)
         layer_hidden = out.hidden_states[layer] if layer is not None else None
