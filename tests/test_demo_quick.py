@@ -142,3 +142,12 @@ def test_demo_quick_writes_documented_files(tmp_path):
     img = chains[0].images[0]
     assert img.is_relative_to((out / "chains").resolve())
     assert img.stat().st_ino == (out / "world" / img.relative_to((out / "chains").resolve())).stat().st_ino
+
+    # the image bottleneck retrains the latent variants only, and their checkpoints carry it to evaluation
+    _run(out, "--seed", "3", "fixed_options=false", "tally_counts=true", "image_bottleneck=true")
+    blocked = json.loads((out / "results.json").read_text())
+    assert {"stage1", "sft", "eval/sft"} <= set(blocked["reused_stages"])
+    assert not {"latent_no_align", "valr_s"} & set(blocked["reused_stages"])
+    for name, on in (("sft", False), ("latent_no_align", True), ("valr_s", True)):
+        meta = json.loads((out / name / "run" / "final" / "valr_config.json").read_text())
+        assert meta["valr"]["image_bottleneck"] is on, name

@@ -119,6 +119,9 @@ class DemoConfig:
     # valr.aligned_latents: align only each segment's first this many latents (a square grid), leaving the other
     # k - aligned_latents free to carry the chain's state (docs/results.md What next 9); 0: all K (the paper)
     aligned_latents: int = 0
+    # valr.image_bottleneck for the latent variants (a diagnostic layout: only latent slots and image tokens see the
+    # images; docs/results.md What next 4(c)); stages 0-1 and SFT train as usual
+    image_bottleneck: bool = False
     # what the aligned variants' latents are pulled toward: "view" (the step's input view, as in the paper's
     # multi-view data) or "focus" (what the step finds, drawn alone: valr.synth.focus, like the paper's
     # interleaved images); the text and every other variant are the same either way

@@ -379,6 +379,8 @@ def latent_key(c: DemoConfig) -> dict[str, Any]:
         key["latent_feed"] = c.latent_feed
     if c.aligned_latents:  # likewise absent when all K are aligned
         key["aligned_latents"] = c.aligned_latents
+    if c.image_bottleneck:  # and without the bottleneck
+        key["image_bottleneck"] = True
     return key
 
 
