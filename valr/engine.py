@@ -16,6 +16,10 @@ Two modes return the same forward values:
 Both return the alignment-layer hidden states at every slot, grouped per segment, for the REPA loss. Under
 ``latent_feed: pause`` nothing is fed back (each slot keeps the slot token's embedding), so there is no recurrence:
 both modes are one full-sequence pass, exact in value and gradient, and the slot embedding learns.
+
+Under the image bottleneck (``valr.image_bottleneck``, a diagnostic) every pass gets a 4-D mask in which only image
+tokens and latent slots see the image tokens: :func:`full_mask` for full-sequence passes, a per-round mask over the
+cached columns and the chunk in the rounds.
 """
 
 from __future__ import annotations

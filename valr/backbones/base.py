@@ -52,6 +52,7 @@ class Backbone(Protocol):
     num_layers: int
     hidden_size: int
     latent_feed: str  # how a final hidden state becomes the next latent input; one of LATENT_FEEDS
+    image_token_id: int  # the placeholder token's id (the image bottleneck masks these columns)
 
     def image_inputs(self, images: list[Image.Image]) -> ImageInputs: ...
 
