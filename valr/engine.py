@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from valr.backbones.base import (
     Backbone,
     block_image_keys,
-    causal_mask,
+    bottleneck_mask,
     chunk_mask,
     feeds_back,
     image_bottleneck,
@@ -87,10 +87,10 @@ def full_mask(backbone: Backbone, batch: Batch) -> torch.Tensor:
     if not image_bottleneck(backbone):
         return mask
     is_image = _is_image(backbone, batch.input_ids.to(device))
-    sees = is_image.clone()
-    for b in range(sees.shape[0]):
-        sees[b, batch.slot_positions(b)] = True
-    return block_image_keys(causal_mask(mask), is_image, sees)
+    is_slot = torch.zeros_like(is_image)
+    for b in range(batch.size):
+        is_slot[b, batch.slot_positions(b)] = True
+    return bottleneck_mask(mask, is_image, is_slot)
 
 
 def forward_plain(backbone: Backbone, batch: Batch, layer: int | None = None) -> EngineOutput:

@@ -68,7 +68,14 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from valr.backbones.base import Backbone, ImageInputs, block_image_keys, causal_mask, image_bottleneck, latent_feeder
+from valr.backbones.base import (
+    Backbone,
+    ImageInputs,
+    block_image_keys,
+    bottleneck_mask,
+    image_bottleneck,
+    latent_feeder,
+)
 from valr.data.layout import prompt_ids
 from valr.tokens import LatentTokenIds, step_end_table
 
@@ -207,7 +214,7 @@ class Generator:
         positions = bb.position_ids(ids, mask, images)
         bottleneck = image_bottleneck(bb)  # only latent slots (and image tokens) see the image tokens
         key_images = ids == bb.image_token_id if bottleneck else None
-        prefill_mask = block_image_keys(causal_mask(mask), key_images, key_images) if bottleneck else mask
+        prefill_mask = bottleneck_mask(mask, key_images) if bottleneck else mask
         out = bb.decode(bb.embed(ids, images), positions, prefill_mask, bb.new_cache(append_only=True))
         cache, hidden = out.cache, out.last_hidden[:, -1]
         next_pos = positions[0, :, -1] + 1  # the last prompt token is text: same position on all axes

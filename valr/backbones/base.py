@@ -210,6 +210,13 @@ def block_image_keys(mask: torch.Tensor, key_is_image: torch.Tensor, query_sees:
     return mask & ~(key_is_image.bool()[:, None, None, :] & ~query_sees.bool()[:, None, :, None])
 
 
+def bottleneck_mask(valid: torch.Tensor, is_image: torch.Tensor, is_slot: torch.Tensor | None = None) -> torch.Tensor:
+    """The image bottleneck over a whole sequence: (B, L) key mask, image columns and latent slots (None: no
+    slots) -> (B, 1, L, L) causal mask in which only image tokens and slots see the image tokens."""
+    sees = is_image.bool() if is_slot is None else is_image.bool() | is_slot.bool()
+    return block_image_keys(causal_mask(valid), is_image, sees)
+
+
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean (B, 1, Q, K) mask as the additive float mask every attention implementation reads the same way
     (eager attention adds a boolean mask as 0/1 instead of masking)."""

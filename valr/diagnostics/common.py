@@ -283,17 +283,16 @@ class TraceForward:
 def forward_trace(subject: Subject, trace: Trace, layer: int | None = None, attentions: bool = False
                   ) -> TraceForward:
     """One no-cache forward pass over the whole trace (eager attention when ``attentions``)."""
-    from valr.backbones.base import additive_mask, block_image_keys, causal_mask, image_bottleneck
+    from valr.backbones.base import additive_mask, bottleneck_mask, image_bottleneck
 
     bb = subject.backbone
     embeds = trace.embeds[None]
     mask = torch.ones(1, embeds.shape[1], dtype=torch.long, device=embeds.device)
     if image_bottleneck(bb):  # as in generation: only image tokens and latents see the image tokens
         image = (trace.image_of_column >= 0).to(embeds.device)
-        sees = image.clone()
-        sees[trace.prompt_len:] |= torch.tensor([k == "latent" for k in trace.kinds], dtype=torch.bool,
-                                                device=embeds.device)
-        mask = additive_mask(block_image_keys(causal_mask(mask), image[None], sees[None]), embeds.dtype)
+        slot = torch.zeros_like(image)
+        slot[trace.prompt_len:] = torch.tensor([k == "latent" for k in trace.kinds], dtype=torch.bool)
+        mask = additive_mask(bottleneck_mask(mask, image[None], slot[None]), embeds.dtype)
     kwargs = dict(inputs_embeds=embeds, attention_mask=mask, position_ids=trace.positions[:, None],
                   output_hidden_states=layer is not None, use_cache=False)
     if attentions:
