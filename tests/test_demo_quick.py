@@ -115,6 +115,13 @@ def test_demo_quick_writes_documented_files(tmp_path):
     assert again["variants"]["valr_s"]["accuracy"] == valr_s["accuracy"]
     assert again["stage_seconds"] == res["stage_seconds"]
     assert secs < 60
+    # the data-efficiency runs are a side branch: without them every other stage, the reading probe included, is
+    # the same (so they can be added to, or left out of, a finished run at their own cost only)
+    _run(out, "--seed", "3", "data_fraction=0")
+    unfractioned = json.loads((out / "results.json").read_text())
+    assert set(unfractioned["reused_stages"]) == set(unfractioned["stage_seconds"]) and unfractioned["reused_stages"]
+    assert "eval/reading" in unfractioned["reused_stages"]
+    assert list(unfractioned["variants"]["valr_s"]["data_fraction"]) == ["1.0"]
 
     # focus targets: only the aligned variants (and what reads them) train again, on the focus records; here one
     # after another in this process (variant_workers=1; the runs above trained them two at a time)

@@ -228,6 +228,9 @@ class DemoRun:
     progress: bool
     training: dict[str, Any] = dataclasses.field(default_factory=dict)
     stage0_final: str = ""  # the stage-0 stage whose checkpoint stage 1 starts from (set by perception_stages)
+    # the data-efficiency stages (stage 1 and VaLR-S on a fraction of the records; set by variant_stages), which
+    # the reading probe leaves out of its key: adding them to a finished run reuses its probe
+    fraction_stages: tuple[str, ...] = ()
 
     @property
     def wdir(self) -> Path:  # the world: images, labels, read records
@@ -452,6 +455,7 @@ def variant_stages(run: DemoRun, percept: Any) -> str | None:
         tag = f"f{round(100 * c.data_fraction)}"
         stage1(run, f"stage1_{tag}", c.data_fraction)
         frac_name = f"valr_s_{tag}"
+        run.fraction_stages = (f"stage1_{tag}", frac_name)
         variant(frac_name, f"stage1_{tag}", 2, c.lambda_align, [percept], c.data_fraction)
     if jobs:  # longest first, so the short ones fill in beside them
         jobs.sort(key=lambda j: (j[1]["stage"], bool(j[1]["teachers"])), reverse=True)
@@ -521,8 +525,8 @@ def reading_probes(run: DemoRun, vision_checkpoint: str) -> dict[str, Any]:
                                                                 run.out / n / "features", n=min(96, c.n_val))
         return res
 
-    return st.run("eval/reading", {"up": [st.fps[n] for n in st.fps if not n.startswith("eval/")], "v": 9},
-                  do_reading)
+    read = [n for n in st.fps if not n.startswith("eval/") and n not in run.fraction_stages]
+    return st.run("eval/reading", {"up": [st.fps[n] for n in read], "v": 9}, do_reading)
 
 
 def write_results(run: DemoRun, world: dict[str, Any], teacher: dict[str, Any], stage0_checks: list[dict[str, Any]],
