@@ -522,3 +522,14 @@ def test_progress_ignores_an_interrupted_runs_history(tmp_path):
     assert _history_step(hist) == 16
     assert _history_step(hist, since=time.time()) is None
     assert _history_step(tmp_path / "missing.jsonl") is None
+
+
+def test_fraction_stages_named_from_the_recipe_alone():
+    """The data-efficiency stages exist only for a fraction in (0, 1), and their names come from it (the reading
+    probe's key and the results read them from the recipe, so a resumed run agrees with the first)."""
+    from valr.demo.pipeline import fraction_stages
+
+    assert fraction_stages(DemoConfig()) is None  # default: off
+    assert fraction_stages(DemoConfig().with_overrides(["data_fraction=1.0"])) is None
+    assert fraction_stages(DemoConfig().with_overrides(["data_fraction=0.25"])) == ("stage1_f25", "valr_s_f25")
+    assert fraction_stages(DemoConfig().with_overrides(["data_fraction=0.5"])) == ("stage1_f50", "valr_s_f50")

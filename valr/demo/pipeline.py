@@ -228,9 +228,6 @@ class DemoRun:
     progress: bool
     training: dict[str, Any] = dataclasses.field(default_factory=dict)
     stage0_final: str = ""  # the stage-0 stage whose checkpoint stage 1 starts from (set by perception_stages)
-    # the data-efficiency stages (stage 1 and VaLR-S on a fraction of the records; set by variant_stages), which
-    # the reading probe leaves out of its key: adding them to a finished run reuses its probe
-    fraction_stages: tuple[str, ...] = ()
 
     @property
     def wdir(self) -> Path:  # the world: images, labels, read records
@@ -260,10 +257,20 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, cfg: DemoConfi
     world = data_stages(run)  # 1.
     teacher, percept = teacher_stage(run)  # 2.
     vision, stage0_checks = perception_stages(run)  # 3.
-    frac_name = variant_stages(run, percept)  # 4. and 5.
-    evals = evaluations(run, frac_name)  # 6.
+    variant_stages(run, percept)  # 4. and 5.
+    evals = evaluations(run)  # 6.
     reading = reading_probes(run, vision["checkpoint"])
-    return write_results(run, world, teacher, stage0_checks, evals, reading, frac_name, t_start)  # 7.
+    return write_results(run, world, teacher, stage0_checks, evals, reading, t_start)  # 7.
+
+
+def fraction_stages(c: DemoConfig) -> tuple[str, str] | None:
+    """The data-efficiency stages' names (stage 1 and VaLR-S on the first ``data_fraction`` of the records), or
+    None when the recipe has none. The reading probe leaves them out of its key, so adding them to a finished
+    run reuses its probe."""
+    if not c.data_fraction or c.data_fraction >= 1.0:
+        return None
+    tag = f"f{round(100 * c.data_fraction)}"
+    return f"stage1_{tag}", f"valr_s_{tag}"
 
 
 def data_stages(run: DemoRun) -> dict[str, Any]:
@@ -398,9 +405,9 @@ def stage1(run: DemoRun, name: str, fraction: float) -> None:
                                    "fraction": fraction, "data": st.fps["chains"]}, fn)
 
 
-def variant_stages(run: DemoRun, percept: Any) -> str | None:
+def variant_stages(run: DemoRun, percept: Any) -> None:
     """4. Stage 1, then 5. the variants from it (the aligned ones on records whose step targets are focus images
-    when asked), two at a time by default. Returns the data-efficiency VaLR-S's name, if it ran."""
+    when asked), two at a time by default, and the data-efficiency stages when the recipe has them."""
     c, st, training, cdir = run.c, run.st, run.training, run.cdir
     stage1(run, "stage1", 1.0)
     if c.step_targets == "focus":
@@ -450,20 +457,15 @@ def variant_stages(run: DemoRun, percept: Any) -> str | None:
     variant("valr_s", "stage1", 2, c.lambda_align, [percept])
     if c.valr_m:
         variant("valr_m", "stage1", 2, c.lambda_align, [percept, TeacherSpec(name="qe", kind="self")])
-    frac_name = None
-    if c.data_fraction and c.data_fraction < 1.0:
-        tag = f"f{round(100 * c.data_fraction)}"
-        stage1(run, f"stage1_{tag}", c.data_fraction)
-        frac_name = f"valr_s_{tag}"
-        run.fraction_stages = (f"stage1_{tag}", frac_name)
-        variant(frac_name, f"stage1_{tag}", 2, c.lambda_align, [percept], c.data_fraction)
+    if frac := fraction_stages(c):
+        stage1(run, frac[0], c.data_fraction)
+        variant(frac[1], frac[0], 2, c.lambda_align, [percept], c.data_fraction)
     if jobs:  # longest first, so the short ones fill in beside them
         jobs.sort(key=lambda j: (j[1]["stage"], bool(j[1]["teachers"])), reverse=True)
         training.update(st.run_parallel(jobs, c.variant_workers))
-    return frac_name
 
 
-def evaluations(run: DemoRun, frac_name: str | None) -> dict[str, dict[str, Any]]:
+def evaluations(run: DemoRun) -> dict[str, dict[str, Any]]:
     """6. Greedy generation on the test split for every variant (VaLR-S also at the other test-time K), each
     a cached stage, scored again from its stored predictions. Returns the metrics by label."""
     c, st, training, cdir = run.c, run.st, run.training, run.cdir
@@ -493,8 +495,8 @@ def evaluations(run: DemoRun, frac_name: str | None) -> dict[str, dict[str, Any]
     for name in VARIANTS[1:]:  # the latent variants this run trained
         if name in training:
             evaluate(name, name, "model", c.k)
-    if frac_name:
-        evaluate(frac_name, frac_name, "model", c.k)
+    if frac := fraction_stages(c):
+        evaluate(frac[1], frac[1], "model", c.k)
     for k in c.test_ks:
         if k != c.k:
             evaluate(f"valr_s_k{k}", "valr_s", "model", k)
@@ -525,13 +527,12 @@ def reading_probes(run: DemoRun, vision_checkpoint: str) -> dict[str, Any]:
                                                                 run.out / n / "features", n=min(96, c.n_val))
         return res
 
-    read = [n for n in st.fps if not n.startswith("eval/") and n not in run.fraction_stages]
+    read = [n for n in st.fps if not n.startswith("eval/") and n not in (fraction_stages(c) or ())]
     return st.run("eval/reading", {"up": [st.fps[n] for n in read], "v": 9}, do_reading)
 
 
 def write_results(run: DemoRun, world: dict[str, Any], teacher: dict[str, Any], stage0_checks: list[dict[str, Any]],
-                  evals: dict[str, dict[str, Any]], reading: dict[str, Any], frac_name: str | None,
-                  t_start: float) -> dict[str, Any]:
+                  evals: dict[str, dict[str, Any]], reading: dict[str, Any], t_start: float) -> dict[str, Any]:
     """7. ``results.json``, ``report.md`` and the figures from every stage's result. Returns the results."""
     c, st, training, out = run.c, run.st, run.training, run.out
 
@@ -555,8 +556,8 @@ def write_results(run: DemoRun, world: dict[str, Any], teacher: dict[str, Any], 
         variants["valr_s"]["accuracy_by_k"] = {k: by_k[k] for k in sorted(by_k, key=int)}
         variants["valr_s"]["data_fraction"] = {"1.0": {"accuracy": evals["valr_s"]["accuracy"],
                                                        "accuracy_by_n": evals["valr_s"]["accuracy_by_n"]}}
-        if frac_name:
-            f = public(evals[frac_name])
+        if frac := fraction_stages(c):
+            f = public(evals[frac[1]])
             variants["valr_s"]["data_fraction"][str(c.data_fraction)] = {
                 k: f[k] for k in ("accuracy", "accuracy_by_n", "count_by_n", "accuracy_long", "accuracy_by_family",
                                   "step_accuracy_by_position")}
