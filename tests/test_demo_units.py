@@ -119,6 +119,10 @@ def test_score_predictions_by_n_and_step_position(world, tmp_path):
     assert m["step_accuracy_by_position"]["1"] == pytest.approx(1 - wrong_first / len(recs))
     assert m["step_accuracy_by_position"].get("2", 1.0) == 1.0
     assert m["latent_segments_per_step"] == pytest.approx(1.0)
+    # per question (chain length, score), which the paired comparisons resample
+    assert set(m["_items"]) == {str(r.id) for r in recs}
+    assert sum(sc for _, sc in m["_items"].values()) / len(recs) == pytest.approx(m["accuracy"])
+    assert all(m["_items"][str(r.id)][0] == len(r.steps) for r in recs)
     # per family: whole chains right, and the answers after a right chain (i % 4 == 3 answered "Z")
     for fam in m["chain_right_by_family"]:
         idx = [i for i, r in enumerate(recs) if r.meta["family"] == fam]
@@ -200,6 +204,10 @@ def test_summarize_means_over_seeds():
     assert s["std"]["sft"]["accuracy"] == pytest.approx(0.1414, abs=1e-3)
     assert s["means"]["valr_s"]["data_fraction"]["0.25"]["accuracy"] == pytest.approx(0.5)
     assert "no_align_within_2pts_of_sft" in s["targets_on_means"]
+    u = s["uncertainty"]["latent_no_align_vs_sft"]  # +0.01 on both seeds: no spread, so no seed count
+    assert [d["difference"] for d in u["per_seed"].values()] == pytest.approx([0.01, 0.01])
+    assert u["over_seeds"]["ci95"] == pytest.approx([0.01, 0.01]) and u["over_seeds"]["seeds_for_half_width"] is None
+    assert s["uncertainty"]["valr_s_vs_sft_long"]["on"] == "N in [6, 7, 8]"
     assert set(s["runs"]) == {"0", "1"}
     assert s["reading_mean"]["stage0"] == pytest.approx({"all_views": 0.5, "one_view": 1.0})
     assert s["reading_mean"]["sft"]["step_tokens"] == pytest.approx({"chase/first_view": 0.5})

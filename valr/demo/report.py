@@ -185,6 +185,11 @@ def write_report(results: dict[str, Any], path: Path, fig_names: list[str]) -> N
         lines.append(f"- {name}: {'MET' if t.get('met') else 'not met'} {json.dumps(shown)}")
     if "valr_s_small_data_matches_sft_full" not in results.get("targets", {}):
         lines.append("- valr_s_small_data_matches_sft_full: not measured (rerun with data_fraction=0.25)")
+    if results.get("paired"):
+        lines += ["", "How sure (a - b in points, 95% interval from resampling this split's questions, paired; one "
+                  "seed, so training noise is not in it): "
+                  + "; ".join(f"{name} {100 * p['difference']:+.1f} [{100 * p['ci95'][0]:+.1f}, "
+                              f"{100 * p['ci95'][1]:+.1f}] over {p['n']}" for name, p in results["paired"].items())]
     lines += ["", "## Training", "", "| stage | steps | ce first -> last | align first -> last | seconds |",
               "|---|---|---|---|---|"]
     for name, t in results.get("training", {}).items():

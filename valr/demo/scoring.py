@@ -95,7 +95,7 @@ def score_predictions(test_file: Path, pred_file: Path, limit: int | None = None
     lookup_chains = 0
     given_chain: dict[str, list[float]] = defaultdict(list)  # family -> [answer score | every step right]
     pairs_tokens, pairs_positions, segs = [], [], []
-    per_item = []
+    per_item: dict[str, tuple[int, float]] = {}  # id -> (chain length, score): paired comparisons (stats)
     for it, s in zip(items, scores, strict=True):
         n, family = int(it.meta["n_steps"]), str(it.meta["family"])
         by_n[n].append(s.score)
@@ -121,7 +121,7 @@ def score_predictions(test_file: Path, pred_file: Path, limit: int | None = None
             pairs_tokens.append((float(o["generated_tokens"]), s.score))
             pairs_positions.append((float(o["generated_positions"]), s.score))
             segs.append((n, o.get("latent_segments", 0)))
-        per_item.append({"id": it.id, "n": n, "score": s.score})
+        per_item[str(it.id)] = (n, s.score)
 
     def mean(v):
         return sum(v) / len(v) if v else None
@@ -144,6 +144,7 @@ def score_predictions(test_file: Path, pred_file: Path, limit: int | None = None
         "latent_segments_per_step": (sum(s for _, s in segs) / max(1, sum(n for n, _ in segs))) if segs else None,
         "_pairs_tokens": pairs_tokens,
         "_pairs_positions": pairs_positions,
+        "_items": per_item,
     }
 
 

@@ -13,6 +13,7 @@ from valr.demo.pipeline import run_demo
 from valr.demo.report import dump_json, pack_pairs, plot_all, unpack_pairs
 from valr.demo.scoring import check_targets
 from valr.demo.stages import _log
+from valr.demo.stats import seed_uncertainty
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -110,6 +111,8 @@ def summarize(runs: dict[str, dict[str, Any]], command: str | None = None) -> di
         "reading_mean": reading_mean,
         "targets_on_means": check_targets(means, n_hi=runs[seeds[0]]["config"]["n_max"]),
         "targets_per_seed": per_seed,
+        # each comparison's per-seed differences and a Student-t interval over the seeds (training noise included)
+        "uncertainty": seed_uncertainty({s: runs[s] for s in seeds}),
         "stage_seconds_mean": {k: _mean_std([runs[s]["stage_seconds"].get(k, 0.0) for s in seeds])[0]
                                for k in runs[seeds[0]]["stage_seconds"]},
         "total_seconds": {s: runs[s]["total_seconds"] for s in seeds},
