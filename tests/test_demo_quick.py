@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 VARIANTS = ("sft", "latent_no_align", "latent_pause", "valr_s", "valr_m")
 
 
@@ -51,6 +53,13 @@ def test_demo_quick_writes_documented_files(tmp_path):
     assert all(_frac(a) for a in valr_s["accuracy_by_k"].values())
     assert "1.0" in valr_s["data_fraction"] and str(res["config"]["data_fraction"]) in valr_s["data_fraction"]
     assert all(_frac(f["accuracy"]) for f in valr_s["data_fraction"].values())
+    # paired differences over the same test questions (no 6-8-step chains in quick mode: no long comparison)
+    frac = f"valr_s_f{round(100 * res['config']['data_fraction'])}_vs_sft"
+    assert set(res["paired"]) == {"latent_no_align_vs_sft", "valr_s_vs_sft", frac}
+    p = res["paired"]["valr_s_vs_sft"]
+    assert p["difference"] == pytest.approx(valr_s["accuracy"] - res["variants"]["sft"]["accuracy"])
+    assert p["ci95"][0] <= p["difference"] <= p["ci95"][1] and p["n"] == res["config"]["n_test"]
+    assert "How sure" in (out / "report.md").read_text()
     # the alignment loss is measured for the aligned variants only
     assert res["training"]["valr_s"]["align_last"] > 0 and "align_last" not in res["training"]["sft"]
     # the pause-token control: the same stage 2 without the feedback (and without alignment)

@@ -58,6 +58,8 @@ def test_paired_comparisons_cover_the_evaluated_pairs_only():
     assert set(out) == {"valr_s_vs_sft_long", "valr_s_vs_sft"}  # no latent_no_align evaluated
     assert out["valr_s_vs_sft_long"]["difference"] == 1.0 and out["valr_s_vs_sft_long"]["n"] == 1
     assert out["valr_s_vs_sft"]["difference"] == 0.5
+    short = {n: _items([1.0], [2]) for n in ("sft", "valr_s")}  # no chain of 6-8 steps: no long comparison
+    assert set(paired_comparisons(short)) == {"valr_s_vs_sft"}
 
 
 def test_seed_interval_uses_student_t_and_counts_the_seeds_a_half_width_needs():

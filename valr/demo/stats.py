@@ -41,9 +41,13 @@ def paired_difference(a: Mapping[str, tuple[int, float]], b: Mapping[str, tuple[
 
 
 def paired_comparisons(items: Mapping[str, Mapping[str, tuple[int, float]]]) -> dict[str, Any]:
-    """Every comparison of :data:`PAIRS` whose two variants were evaluated (``items``: variant -> its questions)."""
+    """Every comparison of :data:`PAIRS` whose two variants were evaluated on questions of its chain lengths
+    (``items``: variant -> its questions; a short-chain run such as --quick has no long-chain comparison)."""
+    def has(x: str, ns: tuple[int, ...] | None) -> bool:
+        return x in items and any(ns is None or n in ns for n, _ in items[x].values())
+
     return {name: {"a": x, "b": y, **paired_difference(items[x], items[y], ns)}
-            for name, x, y, ns in PAIRS if x in items and y in items}
+            for name, x, y, ns in PAIRS if has(x, ns) and y in items}
 
 
 @functools.lru_cache(maxsize=256)
