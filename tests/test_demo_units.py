@@ -468,6 +468,7 @@ def test_demo_merge_command_writes_the_summary_and_seed_mean_figures(tmp_path, c
     assert summary == json.loads((tmp_path / "s.json").read_text())
     assert summary["seeds"] == [0, 1] and summary["runs"]["1"]["length_pairs"]["sft"]["tokens"] == [11, 40, 90]
     assert any(f.endswith("accuracy_by_length.png") for f in summary["figures"])
+    assert "differences.png" in summary["figures"]  # the comparisons over seeds
     assert all((out / "figures" / f.split("/")[-1]).is_file() for f in summary["figures"])
     assert main(["demo", "--merge", str(a), "--out", str(out), "k=4"]) == 2
     assert "drop key=value overrides" in capsys.readouterr().err

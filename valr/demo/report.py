@@ -125,6 +125,45 @@ def plot_all(results: dict[str, Any], fig_dir: Path, length_report: dict[str, An
     return written
 
 
+def plot_differences(uncertainty: dict[str, Any], fig_dir: Path, name: str = "differences.png") -> str | None:
+    """Each comparison's per-seed differences (bars: the seed's paired 95% interval over its test questions,
+    where its results carry one) and their mean with the 95% Student-t interval over seeds, in points, with the
+    +-5-point lines of the targets. Returns the file name, or None without comparisons."""
+    if not uncertainty:
+        return None
+    plt = _plt()
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6.4, 1.5 + 0.8 * len(uncertainty)))
+    for row, u in enumerate(uncertainty.values()):
+        y = len(uncertainty) - 1 - row
+        seeds = list(u["per_seed"].items())
+        for j, (s, d) in enumerate(seeds):
+            dy = 0.12 * (j - (len(seeds) - 1) / 2)
+            ci = d.get("ci95")
+            xerr = [[100 * (d["difference"] - ci[0])], [100 * (ci[1] - d["difference"])]] if ci else None
+            ax.errorbar(100 * d["difference"], y + 0.25 + dy, xerr=xerr, fmt="o", ms=4, capsize=2, color="#7f7f7f",
+                        label="one seed (bar: paired 95% over its questions)" if row == j == 0 else None)
+            ax.annotate(f"s{s}", (100 * d["difference"], y + 0.25 + dy), fontsize=6, xytext=(3, 2),
+                        textcoords="offset points")
+        o = u["over_seeds"]
+        xerr = ([[100 * (o["mean"] - o["ci95"][0])], [100 * (o["ci95"][1] - o["mean"])]] if o["ci95"] else None)
+        ax.errorbar(100 * o["mean"], y - 0.15, xerr=xerr, fmt="s", ms=6, capsize=3, color="#1f5f8b",
+                    label="mean of seeds (bar: 95% Student t)" if row == 0 else None)
+    for x, style in ((0, "-"), (5, ":"), (-5, ":")):
+        ax.axvline(x, color="#cc3333" if x else "#333333", linestyle=style, linewidth=0.8)
+    ax.set_yticks(range(len(uncertainty)),
+                  [f"{k}\n({u['a']} - {u['b']}, {u['on']})" for k, u in reversed(list(uncertainty.items()))],
+                  fontsize=7)
+    ax.set_xlabel("difference in accuracy (points)")
+    ax.set_title("how sure: per-seed differences and their mean over seeds", fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
+    fig.tight_layout()
+    fig.savefig(fig_dir / name, dpi=100)
+    plt.close(fig)
+    return name
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 

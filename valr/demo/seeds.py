@@ -10,7 +10,7 @@ from typing import Any
 
 from valr.demo.config import VARIANTS, DemoConfig
 from valr.demo.pipeline import run_demo
-from valr.demo.report import dump_json, pack_pairs, plot_all, unpack_pairs
+from valr.demo.report import dump_json, pack_pairs, plot_all, plot_differences, unpack_pairs
 from valr.demo.scoring import check_targets
 from valr.demo.stages import _log
 from valr.demo.stats import seed_uncertainty
@@ -135,7 +135,9 @@ def plot_summary(summary: dict[str, Any], fig_dir: Path) -> list[str]:
             pooled[n] += unpack_pairs(packed)
     if pooled:
         lrep = length_report(pooled, n_buckets=8)
-    return plot_all(results, fig_dir, lrep, errors=summary["std"])
+    written = plot_all(results, fig_dir, lrep, errors=summary["std"])
+    diff = plot_differences(summary.get("uncertainty", {}), fig_dir)
+    return written + [diff] if diff else written
 
 
 def run_seeds(out: str | Path, seeds: list[int], quick: bool = False, summary_path: str | Path | None = None,
