@@ -55,7 +55,7 @@ def test_demo_quick_writes_documented_files(tmp_path):
     assert all(_frac(f["accuracy"]) for f in valr_s["data_fraction"].values())
     # paired differences over the same test questions (no 6-8-step chains in quick mode: no long comparison)
     frac = f"valr_s_f{round(100 * res['config']['data_fraction'])}_vs_sft"
-    assert set(res["paired"]) == {"latent_no_align_vs_sft", "valr_s_vs_sft", frac}
+    assert set(res["paired"]) == {"latent_no_align_vs_sft", "valr_s_vs_sft", "valr_s_vs_latent_no_align", frac}
     p = res["paired"]["valr_s_vs_sft"]
     assert p["difference"] == pytest.approx(valr_s["accuracy"] - res["variants"]["sft"]["accuracy"])
     assert p["ci95"][0] <= p["difference"] <= p["ci95"][1] and p["n"] == res["config"]["n_test"]

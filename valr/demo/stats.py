@@ -16,7 +16,8 @@ from valr.demo.scoring import TARGET_NS
 # one seed's comparisons: (name, variant a, variant b, chain lengths or None for all): a - b
 PAIRS = (("valr_s_vs_sft_long", "valr_s", "sft", TARGET_NS),
          ("latent_no_align_vs_sft", "latent_no_align", "sft", None),
-         ("valr_s_vs_sft", "valr_s", "sft", None))
+         ("valr_s_vs_sft", "valr_s", "sft", None),
+         ("valr_s_vs_latent_no_align", "valr_s", "latent_no_align", None))  # what the alignment adds
 
 
 def paired_difference(a: Mapping[str, tuple[int, float]], b: Mapping[str, tuple[int, float]],
