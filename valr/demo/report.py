@@ -30,8 +30,10 @@ def plot_all(results: dict[str, Any], fig_dir: Path, length_report: dict[str, An
     extra = {}
     frac = variants.get("valr_s", {}).get("data_fraction", {})
     for key, m in frac.items():
-        if float(key) < 1.0:
-            extra[f"valr_s ({float(key):.0%} data)"] = m
+        if float(key) < 1.0:  # a summary's fraction may come from fewer seeds: name them and SFT's mean on them
+            on = (f"\nseeds {', '.join(map(str, m['seeds']))}; sft {100 * m['sft_accuracy']:.1f}"
+                  if "seeds" in m and "sft_accuracy" in m else "")
+            extra[f"valr_s ({float(key):.0%} data){on}"] = m
     err = errors or {}
 
     def finish(ax, xlabel: str, title: str, ylabel: str = "test accuracy (%)"):
