@@ -59,6 +59,7 @@ def test_demo_quick_writes_documented_files(tmp_path):
     p = res["paired"]["valr_s_vs_sft"]
     assert p["difference"] == pytest.approx(valr_s["accuracy"] - res["variants"]["sft"]["accuracy"])
     assert p["ci95"][0] <= p["difference"] <= p["ci95"][1] and p["n"] == res["config"]["n_test"]
+    assert (p["a"], p["b"]) == ("valr_s", "sft") and p["mean_a"] == pytest.approx(valr_s["accuracy"])
     assert "How sure" in (out / "report.md").read_text()
     # the alignment loss is measured for the aligned variants only
     assert res["training"]["valr_s"]["align_last"] > 0 and "align_last" not in res["training"]["sft"]

@@ -32,7 +32,7 @@ def test_paired_difference_is_the_mean_difference_with_a_resampled_interval():
     a = _items([1.0] * 100, ns)  # right everywhere: +0.5 overall
     p = paired_difference(a, b)
     assert p["difference"] == pytest.approx(0.5) and p["n"] == 100
-    assert p["a"] == pytest.approx(1.0) and p["b"] == pytest.approx(0.5)
+    assert p["mean_a"] == pytest.approx(1.0) and p["mean_b"] == pytest.approx(0.5)
     lo, hi = p["ci95"]
     # the bootstrap's spread is the difference's standard error: sd of 0/1 halves is 0.5, over 100 questions
     assert lo < 0.5 < hi and (hi - lo) / 2 == pytest.approx(1.96 * 0.5 / 10, rel=0.15)
@@ -57,6 +57,7 @@ def test_paired_comparisons_cover_the_evaluated_pairs_only():
     out = paired_comparisons(items)
     assert set(out) == {"valr_s_vs_sft_long", "valr_s_vs_sft"}  # no latent_no_align evaluated
     assert out["valr_s_vs_sft_long"]["difference"] == 1.0 and out["valr_s_vs_sft_long"]["n"] == 1
+    assert (out["valr_s_vs_sft"]["a"], out["valr_s_vs_sft"]["b"]) == ("valr_s", "sft")  # names, not the means
     assert out["valr_s_vs_sft"]["difference"] == 0.5
     short = {n: _items([1.0], [2]) for n in ("sft", "valr_s")}  # no chain of 6-8 steps: no long comparison
     assert set(paired_comparisons(short)) == {"valr_s_vs_sft"}

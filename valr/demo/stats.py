@@ -38,7 +38,7 @@ def paired_difference(a: Mapping[str, tuple[int, float]], b: Mapping[str, tuple[
     boot = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
     lo, hi = np.percentile(boot, [2.5, 97.5])
     return {"difference": float(d.mean()), "ci95": [float(lo), float(hi)], "n": len(ids),
-            "a": float(np.mean([a[i][1] for i in ids])), "b": float(np.mean([b[i][1] for i in ids]))}
+            "mean_a": float(np.mean([a[i][1] for i in ids])), "mean_b": float(np.mean([b[i][1] for i in ids]))}
 
 
 def paired_comparisons(items: Mapping[str, Mapping[str, tuple[int, float]]]) -> dict[str, Any]:
