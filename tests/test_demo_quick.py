@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -118,9 +119,12 @@ def test_demo_quick_writes_documented_files(tmp_path):
                for r in chains for img in r.images)
     assert "chains" in res["stage_seconds"] and (out / "chains" / "find_val.jsonl").is_file()
 
-    # a rerun reuses every stage: nothing is trained or generated again
-    _, secs = _run(out, "--seed", "3")
-    again = json.loads((out / "results.json").read_text())
+    # a rerun reuses every stage: nothing is trained or generated again, also in a copy of the run directory
+    # (stage keys hold no paths of it)
+    moved = out.parent / "moved"
+    shutil.copytree(out, moved, symlinks=True)
+    _, secs = _run(moved, "--seed", "3")
+    again = json.loads((moved / "results.json").read_text())
     assert set(again["reused_stages"]) == set(again["stage_seconds"])
     assert again["variants"]["valr_s"]["accuracy"] == valr_s["accuracy"]
     assert again["stage_seconds"] == res["stage_seconds"]

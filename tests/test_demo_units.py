@@ -501,6 +501,44 @@ def _stage_job(tag: str, d):
     return {"tag": tag, "pid": os.getpid()}
 
 
+def test_stages_survive_a_move_and_keep_what_keyed_a_teacher_path(tmp_path):
+    """A run directory can be moved or copied: keys hold no paths (refused), and a stage written when the aligned
+    variants' keys held the teacher's absolute path still matches its settings, finished or interrupted, and
+    keeps its stored fingerprint, which later stages' keys hold."""
+    import shutil
+
+    calls = []
+
+    def fn(d):
+        calls.append(d)
+        return {"v": len(calls)}
+
+    with pytest.raises(ValueError, match="holds a 'path'"):
+        Stages(tmp_path / "x").run("a", {"teachers": [{"name": "t", "path": "/x/teacher"}]}, fn)
+    key = {"teachers": [{"name": "t", "kind": "hf", "image_size": 112}], "steps": 3}
+    old_key = {"teachers": [{"name": "t", "kind": "hf", "path": "/elsewhere/run/teacher/model", "image_size": 112}],
+               "steps": 3}
+    # as the earlier code left them: a finished stage and an interrupted one (with a checkpoint to resume from)
+    run = tmp_path / "run"
+    for name, finished in (("done", True), ("half", False)):
+        (run / name / "ckpt").mkdir(parents=True)
+        (run / name / "key.json").write_text(json.dumps({"fingerprint": f"old-{name}", "key": old_key}))
+        if finished:
+            (run / name / "done.json").write_text(json.dumps({"fingerprint": "old-done", "seconds": 5.0,
+                                                              "result": {"v": 0}}))
+    moved = tmp_path / "moved"
+    shutil.copytree(run, moved)
+    for root in (run, moved):
+        st = Stages(root)
+        assert st.run("done", key, fn) == {"v": 0} and st.reused == ["done"] and not calls
+        assert st.fps["done"] == "old-done"  # the identity later stages were keyed on
+        assert st.run("half", key, lambda d: sorted(p.name for p in d.iterdir())) == ["ckpt", "key.json"]
+        assert st.fps["half"] == "old-half"
+    st = Stages(moved)  # other settings still rerun from scratch
+    assert st.run("done", {**key, "steps": 4}, fn) == {"v": 1} and st.fps["done"] != "old-done"
+    assert not (moved / "done" / "ckpt").exists()
+
+
 def test_parallel_stages_keep_the_finished_ones_and_raise_the_failure(tmp_path):
     import functools
 

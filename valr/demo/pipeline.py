@@ -26,7 +26,7 @@ from valr.demo.probes import (
 from valr.demo.records import _subset, find_records, link_images, mix_records, one_view_reads, read_records, shade_views
 from valr.demo.report import dump_json, pack_pairs, plot_all, write_report
 from valr.demo.scoring import _long_chain_accuracy, check_targets, prior_baseline, score_predictions
-from valr.demo.stages import Stages, _log, _train
+from valr.demo.stages import Stages, _log, _train, _without_paths
 from valr.demo.stats import paired_comparisons, paired_difference
 
 
@@ -437,7 +437,8 @@ def variant_stages(run: DemoRun, percept: Any) -> None:
                                teachers=teachers, data_fraction=fraction, latent_feed=feed,
                                val_data=ddir / "val_small.jsonl" if stage == 2 else None,
                                progress=run.progress and c.variant_workers == 1)
-        key = {"up": st.fps[up], "stage": stage, "lambda": lam, "teachers": [dataclasses.asdict(t) for t in teachers],
+        key = {"up": st.fps[up], "stage": stage, "lambda": lam,
+               "teachers": [_without_paths(dataclasses.asdict(t)) for t in teachers],  # teacher_fp: its content
                "steps": c.stage2_steps, "lr": c.stage2_lr, "projector_lr": c.projector_lr, "fraction": fraction,
                "teacher_fp": st.fps["teacher"] if teachers else None}
         if stage == 2:

@@ -21,6 +21,15 @@ def _fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _without_paths(obj: Any) -> Any:
+    """``obj`` without its dict entries named ``path`` (what a stage key must not hold: a directory's place)."""
+    if isinstance(obj, dict):
+        return {k: _without_paths(v) for k, v in obj.items() if k != "path"}
+    if isinstance(obj, list):
+        return [_without_paths(v) for v in obj]
+    return obj
+
+
 def _log(msg: str) -> None:
     print(f"[valr demo] {msg}", file=sys.stderr, flush=True)
 
@@ -109,23 +118,41 @@ class Stages:
 
     def _open(self, name: str, key: dict[str, Any]) -> tuple[Any, Path | None]:
         """(the finished stage's result, None), or (None, its fresh or resumable directory)."""
+        if _without_paths(key) != key:
+            raise ValueError(f"stage {name}: its key holds a 'path'; key stages on settings and upstream "
+                             "fingerprints, so that a run directory can be moved or copied")
         d = self.root / name
         fp = _fingerprint({"format": FORMAT, "key": key})
-        self.fps[name] = fp
+        known = self._identity(d, fp)
+        self.fps[name] = known or fp
         marker = d / "done.json"
-        if marker.is_file():
+        if known and marker.is_file():
             done = json.loads(marker.read_text())
-            if done.get("fingerprint") == fp:
+            if done.get("fingerprint") == known:
                 self.seconds[name] = done["seconds"]
                 self.reused.append(name)
                 _log(f"{name}: reusing the finished stage ({done['seconds']:.0f} s when it ran)")
                 return done["result"], None
-        key_file = d / "key.json"
-        if d.exists() and (not key_file.is_file() or json.loads(key_file.read_text()).get("fingerprint") != fp):
+        if d.exists() and not known:
             shutil.rmtree(d)
         d.mkdir(parents=True, exist_ok=True)
-        key_file.write_text(json.dumps({"fingerprint": fp, "key": key}, indent=2, default=str))
+        if not known:
+            (d / "key.json").write_text(json.dumps({"fingerprint": fp, "key": key}, indent=2, default=str))
         return None, d
+
+    @staticmethod
+    def _identity(d: Path, fp: str) -> str | None:
+        """The fingerprint stage directory ``d`` is known by if it holds the settings of ``fp``: ``fp`` itself,
+        or, for a stage written when the aligned variants' keys held the teacher's absolute path, the
+        fingerprint in its ``key.json`` (kept, so the stages keyed on it downstream still match, in the
+        directory where it ran and in any copy of it). None: other settings, or nothing there."""
+        stored = [json.loads(f.read_text()) for f in (d / "key.json", d / "done.json") if f.is_file()]
+        if any(x.get("fingerprint") == fp for x in stored):
+            return fp
+        if (d / "key.json").is_file() and "key" in stored[0]:
+            if _fingerprint({"format": FORMAT, "key": _without_paths(stored[0]["key"])}) == fp:
+                return stored[0]["fingerprint"]
+        return None
 
     def _close(self, name: str, d: Path, result: Any, secs: float) -> Any:
         self.seconds[name] = secs
