@@ -27,7 +27,7 @@ from valr.demo.records import _subset, find_records, link_images, mix_records, o
 from valr.demo.report import dump_json, pack_pairs, plot_all, write_report
 from valr.demo.scoring import _long_chain_accuracy, check_targets, prior_baseline, score_predictions
 from valr.demo.stages import Stages, _log, _train, _without_paths
-from valr.demo.stats import paired_comparisons, paired_difference
+from valr.demo.stats import paired_comparisons
 
 
 def finding_stages(c: DemoConfig, st: Stages, training: dict[str, Any], wdir: Path, progress: bool
@@ -596,11 +596,9 @@ def write_results(run: DemoRun, world: dict[str, Any], teacher: dict[str, Any], 
     results["above_prior"] = {n: v["accuracy"] - prior["accuracy"] for n, v in variants.items()}
     results["learned_the_task"] = best - prior["accuracy"] >= 0.05
     # how sure each comparison is over this split's questions (paired bootstrap; training noise is not in it)
-    items = {n: evals[n]["_items"] for n in evals}
-    results["paired"] = paired_comparisons(items)
-    if (frac := fraction_stages(c)) and "sft" in items:
-        results["paired"][f"{frac[1]}_vs_sft"] = {"a": frac[1], "b": "sft",
-                                                  **paired_difference(items[frac[1]], items["sft"])}
+    frac = fraction_stages(c)
+    results["paired"] = paired_comparisons({n: evals[n]["_items"] for n in evals},
+                                           extra=[(f"{frac[1]}_vs_sft", frac[1], "sft", None)] if frac else [])
     if c.quick:
         results["note"] = "quick smoke run: toy sizes, the accuracies mean nothing"
         results["targets"] = {}

@@ -127,6 +127,11 @@ def plot_all(results: dict[str, Any], fig_dir: Path, length_report: dict[str, An
     return written
 
 
+def _xerr(center: float, ci: list[float] | None) -> list[list[float]] | None:
+    """An interval around ``center`` (fractions) as matplotlib's asymmetric error bar in points."""
+    return [[100 * (center - ci[0])], [100 * (ci[1] - center)]] if ci else None
+
+
 def plot_differences(uncertainty: dict[str, Any], fig_dir: Path, name: str = "differences.png") -> str | None:
     """Each comparison's per-seed differences (bars: the seed's paired 95% interval over its test questions,
     where its results carry one) and their mean with the 95% Student-t interval over seeds, in points, with the
@@ -141,15 +146,14 @@ def plot_differences(uncertainty: dict[str, Any], fig_dir: Path, name: str = "di
         seeds = list(u["per_seed"].items())
         for j, (s, d) in enumerate(seeds):
             dy = 0.12 * (j - (len(seeds) - 1) / 2)
-            ci = d.get("ci95")
-            xerr = [[100 * (d["difference"] - ci[0])], [100 * (ci[1] - d["difference"])]] if ci else None
-            ax.errorbar(100 * d["difference"], y + 0.25 + dy, xerr=xerr, fmt="o", ms=4, capsize=2, color="#7f7f7f",
+            ax.errorbar(100 * d["difference"], y + 0.25 + dy, xerr=_xerr(d["difference"], d.get("ci95")), fmt="o",
+                        ms=4, capsize=2, color="#7f7f7f",
                         label="one seed (bar: paired 95% over its questions)" if row == j == 0 else None)
             ax.annotate(f"s{s}", (100 * d["difference"], y + 0.25 + dy), fontsize=6, xytext=(3, 2),
                         textcoords="offset points")
         o = u["over_seeds"]
-        xerr = ([[100 * (o["mean"] - o["ci95"][0])], [100 * (o["ci95"][1] - o["mean"])]] if o["ci95"] else None)
-        ax.errorbar(100 * o["mean"], y - 0.15, xerr=xerr, fmt="s", ms=6, capsize=3, color="#1f5f8b",
+        ax.errorbar(100 * o["mean"], y - 0.15, xerr=_xerr(o["mean"], o["ci95"]), fmt="s", ms=6, capsize=3,
+                    color="#1f5f8b",
                     label="mean of seeds (bar: 95% Student t)" if row == 0 else None)
     for x, style in ((0, "-"), (5, ":"), (-5, ":")):
         ax.axvline(x, color="#cc3333" if x else "#333333", linestyle=style, linewidth=0.8)

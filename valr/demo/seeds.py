@@ -13,13 +13,8 @@ from valr.demo.pipeline import run_demo
 from valr.demo.report import dump_json, pack_pairs, plot_all, plot_differences, unpack_pairs
 from valr.demo.scoring import check_targets
 from valr.demo.stages import _log
+from valr.demo.stats import mean_std as _mean_std
 from valr.demo.stats import seed_uncertainty
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    sd = (sum((x - m) ** 2 for x in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-    return m, sd
 
 
 def _fraction_means(runs: dict[str, dict[str, Any]], seeds: list[str]) -> dict[str, dict[str, Any]]:

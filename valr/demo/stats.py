@@ -20,6 +20,13 @@ PAIRS = (("valr_s_vs_sft_long", "valr_s", "sft", TARGET_NS),
          ("valr_s_vs_latent_no_align", "valr_s", "latent_no_align", None))  # what the alignment adds
 
 
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0.0 for a single value)."""
+    m = sum(values) / len(values)
+    sd = (sum((x - m) ** 2 for x in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return m, sd
+
+
 def paired_difference(a: Mapping[str, tuple[int, float]], b: Mapping[str, tuple[int, float]],
                       ns: Iterable[int] | None = None, n_boot: int = 4000, seed: int = 0) -> dict[str, Any]:
     """Mean score of ``a`` minus ``b`` over the same questions (``{id: (chain length, score)}``, restricted to
@@ -41,14 +48,16 @@ def paired_difference(a: Mapping[str, tuple[int, float]], b: Mapping[str, tuple[
             "mean_a": float(np.mean([a[i][1] for i in ids])), "mean_b": float(np.mean([b[i][1] for i in ids]))}
 
 
-def paired_comparisons(items: Mapping[str, Mapping[str, tuple[int, float]]]) -> dict[str, Any]:
-    """Every comparison of :data:`PAIRS` whose two variants were evaluated on questions of its chain lengths
-    (``items``: variant -> its questions; a short-chain run such as --quick has no long-chain comparison)."""
+def paired_comparisons(items: Mapping[str, Mapping[str, tuple[int, float]]],
+                       extra: Iterable[tuple[str, str, str, tuple[int, ...] | None]] = ()) -> dict[str, Any]:
+    """Every comparison of :data:`PAIRS` (and ``extra`` ones, in the same form) whose two variants were evaluated
+    on questions of its chain lengths (``items``: variant -> its questions; a short-chain run such as --quick
+    has no long-chain comparison)."""
     def has(x: str, ns: tuple[int, ...] | None) -> bool:
         return x in items and any(ns is None or n in ns for n, _ in items[x].values())
 
     return {name: {"a": x, "b": y, **paired_difference(items[x], items[y], ns)}
-            for name, x, y, ns in PAIRS if has(x, ns) and y in items}
+            for name, x, y, ns in (*PAIRS, *extra) if has(x, ns) and y in items}
 
 
 @functools.lru_cache(maxsize=256)
@@ -80,12 +89,11 @@ def seed_interval(values: list[float], half_width: float = 0.05) -> dict[str, An
     """Mean of per-seed values with a 95% Student-t interval over seeds, and how many seeds a 95% interval of
     ``half_width`` would take at this spread (``seeds_for_half_width``; None below two seeds or at zero spread)."""
     n = len(values)
-    mean = sum(values) / n
+    mean, sd = mean_std(values)
     out: dict[str, Any] = {"values": list(values), "mean": mean, "sd": None, "ci95": None,
                            "seeds_for_half_width": None, "half_width": half_width}
     if n < 2:
         return out
-    sd = math.sqrt(sum((x - mean) ** 2 for x in values) / (n - 1))
     w = t_quantile(n - 1) * sd / math.sqrt(n)
     out.update(sd=sd, ci95=[mean - w, mean + w])
     if sd > 0:
