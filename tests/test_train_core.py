@@ -256,3 +256,41 @@ def test_objective_reads_a_backbone_without_latent_feed_as_hidden():
     with pytest.warns(UserWarning, match="fed 'hidden'.*config says 'embedding_rms'"):
         Objective(bb, ValrConfig(k=1, lambda_align=0.0, latent_feed="embedding_rms"))
     assert bb.latent_feed == "embedding_rms"
+
+
+def test_keep_best_keeps_the_lowest_validation_ce_across_a_resume(smoke, tmp_path):
+    """keep_best: output_dir/best is the model of the validation pass with the lowest CE (here a learning rate
+    high enough to overshoot, so the best is not the last), also when the run is resumed."""
+    import shutil
+
+    out = tmp_path / "run"
+    cfg = _cfg(smoke, out, stage=1, max_steps=4, lr_llm=0.3, val_data=str(smoke["val"]), eval_every=1,
+               keep_best=True, save_every=1, keep_last=10, seed=1, scheduler="constant")
+    final = train(cfg)
+    evals = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [1, 2, 3, 4]
+    best = json.loads((out / "best" / "valr_best.json").read_text())
+    assert best == min(evals, key=lambda e: e["val/ce"]) and best["step"] < 4, evals
+    best_weights = _weights(out / "best")
+    same_step = _weights(out / "checkpoints" / f"step-{best['step']:08d}" / "model")
+    assert best_weights.keys() == same_step.keys() and all(torch.equal(best_weights[k], same_step[k])
+                                                           for k in same_step)
+    assert json.loads((final / "valr_train_state.json").read_text())["best"] == best
+
+    def resume_from(step: int) -> dict:
+        shutil.rmtree(final)
+        for ck in (out / "checkpoints").iterdir():
+            if int(ck.name.split("-")[1]) > step:
+                shutil.rmtree(ck)
+        train(cfg, resume=True)
+        return json.loads((out / "best" / "valr_best.json").read_text())
+
+    assert resume_from(2) == best  # the later, worse passes do not replace it
+    assert all(torch.equal(a, b) for a, b in zip(_weights(out / "best").values(), best_weights.values(),
+                                                  strict=True))
+    (out / "best" / "valr_best.json").write_text(json.dumps({"step": 3, "val/ce": -1.0}))
+    assert resume_from(2)["val/ce"] == -1.0  # a best written after the checkpoint is kept (the steps redo it)
+    (out / "best").replace(out / "best.old")  # killed between write_best's two renames: the old one is found
+    assert resume_from(2)["val/ce"] == -1.0 and not (out / "best.old").exists()
+    with pytest.raises(ConfigError, match="keep_best: give val_data"):
+        train(_cfg(smoke, tmp_path / "x", keep_best=True))

@@ -100,6 +100,7 @@ class TrainConfig:
     keep_last: int = 3
     log_every: int = 10
     eval_every: int = 0  # steps between validation passes (0: only at the end)
+    keep_best: bool = False  # also keep output_dir/best: the model of the validation pass with the lowest CE
     nan_policy: str = "halt"  # halt | skip (a step whose loss or gradient is not finite)
     seed: int = 0
     data_fraction: float = 1.0  # use the first fraction of the training records
@@ -244,6 +245,8 @@ def validate(cfg: TrainConfig) -> None:
             bad(f"{key} must not be negative")
     if cfg.max_steps == 0 and cfg.epochs <= 0:
         bad("set max_steps > 0 or epochs > 0")
+    if cfg.keep_best and not cfg.val_data:
+        bad("keep_best: give val_data (the best checkpoint is the one with the lowest validation CE) and eval_every")
     if not 0.0 <= cfg.warmup_ratio < 1.0:
         bad("warmup_ratio must be in [0, 1)")
     if cfg.max_length is not None and cfg.max_length < 1:
@@ -396,6 +399,7 @@ class _Trainer:
         self.resume = resume
         self.out = Path(cfg.output_dir)
         self.ckdir = self.out / "checkpoints"
+        self.best: dict[str, Any] | None = None  # the lowest-CE validation pass (keep_best)
         handlers = [DistributedDataParallelKwargs(find_unused_parameters=cfg.stage == 2 or cfg.lr_vision > 0)]
         self.acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
                                mixed_precision="bf16" if cfg.bf16 else None,  # None: accelerate config / env
@@ -428,6 +432,7 @@ class _Trainer:
             if self.main:
                 shutil.rmtree(self.ckdir, ignore_errors=True)
                 shutil.rmtree(final, ignore_errors=True)
+                shutil.rmtree(self.out / "best", ignore_errors=True)
                 shutil.rmtree(self.out / "tb", ignore_errors=True)
                 for name in ("history.jsonl", "eval.jsonl"):
                     (self.out / name).unlink(missing_ok=True)
@@ -855,6 +860,7 @@ class _Trainer:
         teachers = list(self.teachers)
         groups = [g["name"] for g in self.optimizer.param_groups]
         history = None
+        self.best = self.read_best(step)
         if self.main:
             for name in ("history.jsonl", "eval.jsonl"):  # drop rows after the checkpoint: those steps are redone
                 f = self.out / name
@@ -900,6 +906,7 @@ class _Trainer:
                 (final / "valr_train_state.json").write_text(json.dumps(
                     {"step": step, "total_steps": self.total_steps, "stage": cfg.stage,
                      "n_train_records": len(self.train_entries), **counters,
+                     **({"best": self.best} if self.best else {}),
                      "train_config": cfg.to_dict()}, indent=2, default=str))
             self.acc.wait_for_everyone()
             self.log(f"done: {step} steps; final checkpoint {final}")
@@ -1005,6 +1012,45 @@ class _Trainer:
         if self.main:
             with (self.out / "eval.jsonl").open("a") as fh:
                 fh.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.cfg.keep_best and (self.best is None or metrics["val/ce"] < self.best["val/ce"]):
+            self.best = {"step": step, **metrics}
+            self.write_best()
+
+    def read_best(self, step: int) -> dict[str, Any] | None:
+        """The best validation pass so far of the run resumed at ``step`` (None: none yet, or a fresh start, whose
+        stale best is removed). A best written after the checkpoint is kept: the steps redone reproduce it (resume
+        is bit-exact), and it replaced the best of the passes before the checkpoint, which would be lost."""
+        if not self.cfg.keep_best:
+            return None
+        best, old = self.out / "best", self.out / "best.old"
+        self.acc.wait_for_everyone()
+        if self.main and old.is_dir() and not best.exists():  # killed between write_best's two renames
+            old.replace(best)
+        self.acc.wait_for_everyone()
+        info = best / "valr_best.json"
+        if step > 0 and info.is_file():
+            return json.loads(info.read_text())
+        if self.main:
+            shutil.rmtree(best, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        return None
+
+    def write_best(self) -> None:
+        """Collective: writes the current model to ``output_dir/best`` atomically (a new directory, then the
+        swap), with ``valr_best.json`` naming its step and validation metrics."""
+        best, tmp, old = (self.out / n for n in ("best", "best.tmp", "best.old"))
+        if self.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.write_model(tmp)
+        if self.main:
+            (tmp / "valr_best.json").write_text(json.dumps(self.best, indent=2))
+            shutil.rmtree(old, ignore_errors=True)
+            if best.exists():
+                best.replace(old)
+            tmp.replace(best)
+            shutil.rmtree(old, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        self.log(f"step {self.best['step']}: best validation CE so far ({self.best['val/ce']:.4f}); saved {best}")
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
