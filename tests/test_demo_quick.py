@@ -136,6 +136,26 @@ def test_demo_quick_writes_documented_files(tmp_path):
     assert set(unfractioned["reused_stages"]) == set(unfractioned["stage_seconds"]) and unfractioned["reused_stages"]
     assert "eval/reading" in unfractioned["reused_stages"]
     assert list(unfractioned["variants"]["valr_s"]["data_fraction"]) == ["1.0"]
+    # early stopping for the data-efficiency runs: new stages beside the old ones, each returning its model of
+    # lowest validation CE; nothing else runs again
+    _run(out, "--seed", "3", "fraction_best=true")
+    best = json.loads((out / "results.json").read_text())
+    assert set(best["stage_seconds"]) - set(best["reused_stages"]) == {"stage1_f25_best", "valr_s_f25_best",
+                                                                       "eval/valr_s_f25_best"}
+    for name in ("stage1_f25_best", "valr_s_f25_best"):
+        assert 1 <= best["training"][name]["best"]["step"] <= best["training"][name]["steps"], name
+        assert (out / name / "run" / "best" / "valr_best.json").is_file()
+    assert "valr_s_f25_best_vs_sft" in best["paired"] and "0.25" in best["variants"]["valr_s"]["data_fraction"]
+    # a validation run evaluates beside the test evaluations (stages named by split), so the test run after it
+    # reuses every stage again
+    _run(out, "--seed", "3", "data_fraction=0", "eval_split=val")
+    val = json.loads((out / "results.json").read_text())
+    evals = {s for s in val["stage_seconds"] if s.startswith("eval/val/")}
+    assert val["eval_split"] == "val" and "eval/val/sft" in evals and not evals & set(val["reused_stages"])
+    assert val["variants"]["sft"]["n"] == val["config"]["n_val"]
+    _run(out, "--seed", "3", "data_fraction=0")
+    again = json.loads((out / "results.json").read_text())
+    assert set(again["reused_stages"]) == set(again["stage_seconds"]) and again["eval_split"] == "test"
 
     # focus targets: only the aligned variants (and what reads them) train again, on the focus records; here one
     # after another in this process (variant_workers=1; the runs above trained them two at a time)

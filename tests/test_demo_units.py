@@ -580,3 +580,22 @@ def test_fraction_stages_named_from_the_recipe_alone():
     assert fraction_stages(DemoConfig().with_overrides(["data_fraction=1.0"])) is None
     assert fraction_stages(DemoConfig().with_overrides(["data_fraction=0.25"])) == ("stage1_f25", "valr_s_f25")
     assert fraction_stages(DemoConfig().with_overrides(["data_fraction=0.5"])) == ("stage1_f50", "valr_s_f50")
+    best = DemoConfig().with_overrides(["data_fraction=0.25", "fraction_best=true"])
+    assert fraction_stages(best) == ("stage1_f25_best", "valr_s_f25_best")  # beside the runs that kept their last
+
+
+def test_evaluations_are_named_by_split_and_old_validation_ones_move_to_their_name(tmp_path):
+    from valr.demo.pipeline import _file_by_split, eval_stage_name
+
+    assert eval_stage_name("test", "sft") == "eval/sft"  # unchanged, so finished test runs keep their stages
+    assert eval_stage_name("val", "valr_s_k4") == "eval/val/valr_s_k4"
+    for label, split in (("sft", "val"), ("valr_s", "test")):  # as written before stages were named by split
+        d = tmp_path / "eval" / label
+        d.mkdir(parents=True)
+        (d / "key.json").write_text(json.dumps({"fingerprint": "f", "key": {"split": split}}))
+        (d / "done.json").write_text("{}")
+        _file_by_split(tmp_path, label)
+    assert (tmp_path / "eval" / "val" / "sft" / "done.json").is_file() and not (tmp_path / "eval" / "sft").exists()
+    assert (tmp_path / "eval" / "valr_s" / "done.json").is_file()  # a test evaluation stays where it is
+    _file_by_split(tmp_path, "latent_no_align")  # nothing there: nothing happens
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["val", "valr_s"]

@@ -137,6 +137,10 @@ class DemoConfig:
     # the data-efficiency runs (stage 1 + VaLR-S on this fraction of the records) cost 8 of the full mode's 32
     # minutes, so the default demo skips them (0) and the study turns them on with data_fraction=0.25
     data_fraction: float = 0.0
+    # those runs see each record 1/data_fraction times as often and overfit at the full step budget (docs/results.md
+    # item 59); with fraction_best each keeps its model of lowest validation CE (12 passes over val_small, early
+    # stopping) instead of its last, under the stage names stage1_fNN_best and valr_s_fNN_best
+    fraction_best: bool = False
     # evaluation
     eval_batch_size: int = 50
     max_new_tokens: int = 140

@@ -270,7 +270,7 @@ def fraction_stages(c: DemoConfig) -> tuple[str, str] | None:
     run reuses its probe."""
     if not c.data_fraction or c.data_fraction >= 1.0:
         return None
-    tag = f"f{round(100 * c.data_fraction)}"
+    tag = f"f{round(100 * c.data_fraction)}" + ("_best" if c.fraction_best else "")
     return f"stage1_{tag}", f"valr_s_{tag}"
 
 
@@ -395,15 +395,18 @@ def latent_key(c: DemoConfig) -> dict[str, Any]:
     return key
 
 
-def stage1(run: DemoRun, name: str, fraction: float) -> None:
-    """Chain-of-thought SFT from stage 0's last model on ``fraction`` of the training records."""
+def stage1(run: DemoRun, name: str, fraction: float, keep_best: bool = False) -> None:
+    """Chain-of-thought SFT from stage 0's last model on ``fraction`` of the training records (``keep_best``: the
+    model of lowest validation CE, not the last)."""
     c, st, training = run.c, run.st, run.training
 
     def fn(d: Path):
         return _train(c, d, model=Path(training[run.stage0_final]["checkpoint"]), data=run.cdir / "train.jsonl",
-                      stage=1, steps=c.stage1_steps, lr=c.stage1_lr, data_fraction=fraction, progress=run.progress)
-    training[name] = st.run(name, {"up": st.fps[run.stage0_final], "steps": c.stage1_steps, "lr": c.stage1_lr,
-                                   "fraction": fraction, "data": st.fps["chains"]}, fn)
+                      stage=1, steps=c.stage1_steps, lr=c.stage1_lr, data_fraction=fraction, progress=run.progress,
+                      val_data=run.cdir / "val_small.jsonl" if keep_best else None, keep_best=keep_best)
+    key = {"up": st.fps[run.stage0_final], "steps": c.stage1_steps, "lr": c.stage1_lr, "fraction": fraction,
+           "data": st.fps["chains"]}
+    training[name] = st.run(name, {**key, "best": 12} if keep_best else key, fn)
 
 
 def variant_stages(run: DemoRun, percept: Any) -> None:
@@ -430,13 +433,13 @@ def variant_stages(run: DemoRun, percept: Any) -> None:
     latent = latent_key(c)
 
     def variant(name: str, up: str, stage: int, lam: float, teachers: list, fraction: float = 1.0,
-                feed: str | None = None):
+                feed: str | None = None, keep_best: bool = False):
         ddir = run.aligned_dir if teachers else cdir
         fn = functools.partial(_train, c, model=Path(training[up]["checkpoint"]), data=ddir / "train.jsonl",
                                stage=stage, steps=c.stage2_steps, lr=c.stage2_lr, lambda_align=lam,
                                teachers=teachers, data_fraction=fraction, latent_feed=feed,
                                val_data=ddir / "val_small.jsonl" if stage == 2 else None,
-                               progress=run.progress and c.variant_workers == 1)
+                               progress=run.progress and c.variant_workers == 1, keep_best=keep_best)
         key = {"up": st.fps[up], "stage": stage, "lambda": lam,
                "teachers": [_without_paths(dataclasses.asdict(t)) for t in teachers],  # teacher_fp: its content
                "steps": c.stage2_steps, "lr": c.stage2_lr, "projector_lr": c.projector_lr, "fraction": fraction,
@@ -445,6 +448,8 @@ def variant_stages(run: DemoRun, percept: Any) -> None:
             key["latent"] = {**latent, "latent_feed": feed} if feed else latent
         if teachers and c.step_targets != "view":  # absent for view targets, as before the option existed
             key["targets"] = st.fps["focus"]
+        if keep_best:
+            key["best"] = 12
         if c.variant_workers == 1:
             training[name] = st.run(name, key, fn)
         else:
@@ -460,8 +465,8 @@ def variant_stages(run: DemoRun, percept: Any) -> None:
     if c.valr_m:
         variant("valr_m", "stage1", 2, c.lambda_align, [percept, TeacherSpec(name="qe", kind="self")])
     if frac := fraction_stages(c):
-        stage1(run, frac[0], c.data_fraction)
-        variant(frac[1], frac[0], 2, c.lambda_align, [percept], c.data_fraction)
+        stage1(run, frac[0], c.data_fraction, c.fraction_best)
+        variant(frac[1], frac[0], 2, c.lambda_align, [percept], c.data_fraction, keep_best=c.fraction_best)
     if jobs:  # longest first, so the short ones fill in beside them
         jobs.sort(key=lambda j: (j[1]["stage"], bool(j[1]["teachers"])), reverse=True)
         training.update(st.run_parallel(jobs, c.variant_workers))
@@ -487,7 +492,9 @@ def evaluations(run: DemoRun) -> dict[str, dict[str, Any]]:
         key = {"up": st.fps[train_name], "policy": policy, "k": k if policy != "off" else 0,  # off: K unused
                "limit": c.eval_limit, "diag": 1,
                "max_new_tokens": c.max_new_tokens, "split": c.eval_split, "test": st.fps["chains"]}
-        res = st.run(f"eval/{label}", key, fn)
+        name = eval_stage_name(c.eval_split, label)
+        _file_by_split(run.out, label)
+        res = st.run(name, key, fn)
         metrics_file = Path(res["metrics_file"])
         # scored again from the stored predictions (cheap), so a newer scoring applies to cached generations
         evals[label] = {**json.loads(metrics_file.read_text()),
@@ -503,6 +510,27 @@ def evaluations(run: DemoRun) -> dict[str, dict[str, Any]]:
         if k != c.k:
             evaluate(f"valr_s_k{k}", "valr_s", "model", k)
     return evals
+
+
+def eval_stage_name(split: str, label: str) -> str:
+    """The evaluation stage of ``label`` on ``split``: ``eval/LABEL`` on the test split (as it always was),
+    ``eval/SPLIT/LABEL`` on any other, so that a validation run beside a finished test run keeps both."""
+    return f"eval/{label}" if split == "test" else f"eval/{split}/{label}"
+
+
+def _file_by_split(out: Path, label: str) -> None:
+    """Moves a non-test evaluation written before stages were named by split (``eval/LABEL`` holding another
+    split) to the name it has now, where a run on that split reuses it instead of a test run deleting it."""
+    d = out / "eval" / label
+    try:
+        split = json.loads((d / "key.json").read_text())["key"]["split"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    target = out / eval_stage_name(split, label)
+    if split != "test" and not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        d.replace(target)
+        _log(f"eval/{label}: an evaluation on the {split} split, moved to {target.relative_to(out)}")
 
 
 def reading_probes(run: DemoRun, vision_checkpoint: str) -> dict[str, Any]:

@@ -198,10 +198,11 @@ def _train(cfg: DemoConfig, out: Path, *, model: Path, data: Path, stage: int, s
            lr_vision: float = 0.0, lambda_align: float = 0.0, teachers: list | None = None,
            data_fraction: float = 1.0, val_data: Path | None = None, progress: bool = True,
            batch_size: int | None = None, save_every: int | None = None, keep_last: int = 1,
-           latent_feed: str | None = None) -> dict[str, Any]:
+           latent_feed: str | None = None, keep_best: bool = False) -> dict[str, Any]:
     """One ``valr.trainer.train`` call; returns the final checkpoint path and a summary of its history.
     ``save_every``/``keep_last`` space and keep the resumable checkpoints (default: four per run, the last kept);
-    ``latent_feed`` overrides the config's for a stage-2 run."""
+    ``latent_feed`` overrides the config's for a stage-2 run. ``keep_best``: 12 validation passes, and the
+    checkpoint returned is the one of lowest validation CE (its step and metrics under ``best``)."""
     import torch
 
     from valr.config import ValrConfig
@@ -219,12 +220,16 @@ def _train(cfg: DemoConfig, out: Path, *, model: Path, data: Path, stage: int, s
                        lr_projector=cfg.projector_lr,
                        lr_vision=lr_vision, weight_decay=0.01, warmup_ratio=cfg.warmup_ratio, scheduler="cosine",
                        max_grad_norm=1.0, save_every=save_every or max(50, steps // 4), keep_last=keep_last,
-                       log_every=10,
+                       log_every=10, eval_every=max(1, steps // 12) if keep_best else 0, keep_best=keep_best,
                        seed=cfg.seed, data_fraction=data_fraction, num_workers=cfg.num_workers, preflight="quick",
                        tensorboard=False, progress=progress, valr=vcfg)
     torch.manual_seed(cfg.seed)
     final = train(tcfg, resume=True)
-    return {"checkpoint": str(final), **_history_summary(out / "run")}
+    summary = _history_summary(out / "run")
+    if keep_best:
+        best = out / "run" / "best"
+        return {"checkpoint": str(best), **summary, "best": json.loads((best / "valr_best.json").read_text())}
+    return {"checkpoint": str(final), **summary}
 
 
 def _history_summary(run_dir: Path) -> dict[str, Any]:
