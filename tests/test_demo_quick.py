@@ -145,7 +145,10 @@ def test_demo_quick_writes_documented_files(tmp_path):
     for name in ("stage1_f25_best", "valr_s_f25_best"):
         assert 1 <= best["training"][name]["best"]["step"] <= best["training"][name]["steps"], name
         assert (out / name / "run" / "best" / "valr_best.json").is_file()
-    assert "valr_s_f25_best_vs_sft" in best["paired"] and "0.25" in best["variants"]["valr_s"]["data_fraction"]
+    assert "valr_s_f25_best_vs_sft" in best["paired"]
+    kept = best["variants"]["valr_s"]["data_fraction"]["0.25"]["kept_steps"]
+    assert kept == {n: best["training"][n]["best"]["step"] for n in ("stage1_f25_best", "valr_s_f25_best")}
+    assert "lowest val CE" in (out / "report.md").read_text()
     # a validation run evaluates beside the test evaluations (stages named by split), so the test run after it
     # reuses every stage again
     _run(out, "--seed", "3", "data_fraction=0", "eval_split=val")

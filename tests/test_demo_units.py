@@ -444,6 +444,7 @@ def test_merge_pairs_the_data_fraction_target_with_the_seeds_that_ran_it(tmp_pat
     with_frac["config"].pop("variant_workers", None)  # a run from before the option, one after another
     without["config"]["variant_workers"] = 2  # how the variants ran is not part of the recipe
     with_frac["config"]["pause_control"] = True  # the pause-token control beside the same variants
+    with_frac["config"]["fraction_best"] = True  # which model the fraction runs kept is not the recipe either
     with_frac["variants"]["latent_pause"] = with_frac["variants"]["sft"]
     runs = merge_runs([_write_run(tmp_path / "a", with_frac), _write_run(tmp_path / "b", without)])
     s = summarize(runs)

@@ -591,6 +591,9 @@ def write_results(run: DemoRun, world: dict[str, Any], teacher: dict[str, Any], 
             variants["valr_s"]["data_fraction"][str(c.data_fraction)] = {
                 k: f[k] for k in ("accuracy", "accuracy_by_n", "count_by_n", "accuracy_long", "accuracy_by_family",
                                   "step_accuracy_by_position")}
+            if c.fraction_best:  # which step's model each stage kept (lowest validation CE)
+                variants["valr_s"]["data_fraction"][str(c.data_fraction)]["kept_steps"] = {
+                    stage: training[stage]["best"]["step"] for stage in frac}
     from valr.eval.length import length_report
 
     series = {n: evals[n]["_pairs_tokens"] for n in VARIANTS if n in evals and evals[n]["_pairs_tokens"]}

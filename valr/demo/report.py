@@ -240,7 +240,8 @@ def write_report(results: dict[str, Any], path: Path, fig_names: list[str]) -> N
     for name, t in results.get("training", {}).items():
         ce = f"{t.get('ce_first', float('nan')):.3f} -> {t.get('ce_last', float('nan')):.3f}"
         al = (f"{t['align_first']:.3f} -> {t['align_last']:.3f}" if t.get("align_last") else "-")
-        lines.append(f"| {name} | {t.get('steps')} | {ce} | {al} | {results['stage_seconds'].get(name, 0):.0f} |")
+        steps = f"{t.get('steps')}" + (f" (kept {t['best']['step']}: lowest val CE)" if t.get("best") else "")
+        lines.append(f"| {name} | {steps} | {ce} | {al} | {results['stage_seconds'].get(name, 0):.0f} |")
     lines += ["", "Stage seconds: " + ", ".join(f"{k} {s:.0f}" for k, s in results["stage_seconds"].items()), ""]
     for f in fig_names:
         lines.append(f"![{f}](figures/{f})")

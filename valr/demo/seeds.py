@@ -184,8 +184,9 @@ def load_run(results: dict[str, Any], run_dir: Path | None = None) -> dict[str, 
 # the same variants; the summary averages each fraction over the seeds that ran it (a seed of the full recipe takes
 # about three hours on 2 cores with its variants one after another, the fraction runs about an hour more, so a
 # session may leave them out); variant_workers, which says how the variants ran, not what they are; and
-# pause_control, which only adds the pause-token control beside the same variants
-SEED_KEYS = ("seed", "data_fraction", "variant_workers", "pause_control")
+# pause_control, which only adds the pause-token control beside the same variants; fraction_best, which only says
+# which model the data-efficiency runs keep
+SEED_KEYS = ("seed", "data_fraction", "variant_workers", "pause_control", "fraction_best")
 
 
 # how a run whose results predate an option ran without it (older results.json files lack the key)
