@@ -26,7 +26,7 @@ from valr.demo.probes import (
 from valr.demo.records import _subset, find_records, link_images, mix_records, one_view_reads, read_records, shade_views
 from valr.demo.report import dump_json, pack_pairs, plot_all, write_report
 from valr.demo.scoring import _long_chain_accuracy, check_targets, prior_baseline, score_predictions
-from valr.demo.stages import Stages, _log, _train, _without_paths
+from valr.demo.stages import BEST_PASSES, Stages, _log, _train, _without_paths
 from valr.demo.stats import paired_comparisons
 
 
@@ -406,7 +406,7 @@ def stage1(run: DemoRun, name: str, fraction: float, keep_best: bool = False) ->
                       val_data=run.cdir / "val_small.jsonl" if keep_best else None, keep_best=keep_best)
     key = {"up": st.fps[run.stage0_final], "steps": c.stage1_steps, "lr": c.stage1_lr, "fraction": fraction,
            "data": st.fps["chains"]}
-    training[name] = st.run(name, {**key, "best": 12} if keep_best else key, fn)
+    training[name] = st.run(name, {**key, "best": BEST_PASSES} if keep_best else key, fn)
 
 
 def variant_stages(run: DemoRun, percept: Any) -> None:
@@ -449,7 +449,7 @@ def variant_stages(run: DemoRun, percept: Any) -> None:
         if teachers and c.step_targets != "view":  # absent for view targets, as before the option existed
             key["targets"] = st.fps["focus"]
         if keep_best:
-            key["best"] = 12
+            key["best"] = BEST_PASSES
         if c.variant_workers == 1:
             training[name] = st.run(name, key, fn)
         else:

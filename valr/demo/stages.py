@@ -30,6 +30,10 @@ def _without_paths(obj: Any) -> Any:
     return obj
 
 
+# validation passes of a stage that keeps its lowest validation-CE model (``keep_best``); its stage key holds it
+BEST_PASSES = 12
+
+
 def _log(msg: str) -> None:
     print(f"[valr demo] {msg}", file=sys.stderr, flush=True)
 
@@ -201,7 +205,7 @@ def _train(cfg: DemoConfig, out: Path, *, model: Path, data: Path, stage: int, s
            latent_feed: str | None = None, keep_best: bool = False) -> dict[str, Any]:
     """One ``valr.trainer.train`` call; returns the final checkpoint path and a summary of its history.
     ``save_every``/``keep_last`` space and keep the resumable checkpoints (default: four per run, the last kept);
-    ``latent_feed`` overrides the config's for a stage-2 run. ``keep_best``: 12 validation passes, and the
+    ``latent_feed`` overrides the config's for a stage-2 run. ``keep_best``: BEST_PASSES validation passes, and the
     checkpoint returned is the one of lowest validation CE (its step and metrics under ``best``)."""
     import torch
 
@@ -220,7 +224,7 @@ def _train(cfg: DemoConfig, out: Path, *, model: Path, data: Path, stage: int, s
                        lr_projector=cfg.projector_lr,
                        lr_vision=lr_vision, weight_decay=0.01, warmup_ratio=cfg.warmup_ratio, scheduler="cosine",
                        max_grad_norm=1.0, save_every=save_every or max(50, steps // 4), keep_last=keep_last,
-                       log_every=10, eval_every=max(1, steps // 12) if keep_best else 0, keep_best=keep_best,
+                       log_every=10, eval_every=max(1, steps // BEST_PASSES) if keep_best else 0, keep_best=keep_best,
                        seed=cfg.seed, data_fraction=data_fraction, num_workers=cfg.num_workers, preflight="quick",
                        tensorboard=False, progress=progress, valr=vcfg)
     torch.manual_seed(cfg.seed)
