@@ -228,6 +228,37 @@ def test_stage2_gradients_reach_projector_and_llm_not_teacher(tiny, records, tmp
     assert "latent_norm" in parts.logs() and "align/dino" in parts.logs()
 
 
+def test_alignment_only_stage2_has_exactly_the_alignment_gradient(tiny, records, tmp_path):
+    """valr.ce_weight = 0 (an alignment-only warm-up): the loss and every gradient are lambda x the alignment's."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    model, tok, _, bb, latent = tiny
+    model.train()
+    enc = Dinov2Model(Dinov2Config(image_size=56, patch_size=14, hidden_size=16, num_hidden_layers=1,
+                                   num_attention_heads=2, intermediate_size=32))
+    teacher = HFVisionTeacher(TeacherSpec(name="dino", image_size=56), model=enc)
+    cfg = ValrConfig(k=4, align_layer=2, lambda_align=0.5, projector_width=32, ce_weight=0.0)
+    obj = Objective(bb, cfg, teachers=[teacher])
+    batch = make_batch(records, tok, bb, LayoutConfig(k=4), latent)
+    parts = obj.stage2(batch, mode="exact")
+    assert float(parts.ce) > 0.5  # computed and logged, just not trained
+    torch.testing.assert_close(parts.loss, 0.5 * parts.align)
+    params = [p for p in obj.parameters() if p.requires_grad]
+    got = torch.autograd.grad(parts.loss, params, retain_graph=True, allow_unused=True)
+    want = torch.autograd.grad(0.5 * parts.align, params, retain_graph=True, allow_unused=True)
+    with_ce = torch.autograd.grad(parts.ce + 0.5 * parts.align, params, allow_unused=True)
+    n = 0
+    for g, w in zip(got, want, strict=True):
+        if w is None:
+            assert g is None or not g.any()
+            continue
+        torch.testing.assert_close(g, w)
+        n += 1
+    assert n > 0
+    assert any(w is not None and c is not None and not torch.allclose(w, c)
+               for w, c in zip(want, with_ce, strict=True))  # the CE would have moved them
+
+
 def test_objective_config_errors(tiny):
     model, tok, _, bb, latent = tiny
     with pytest.raises(ValueError, match="perfect square"):
@@ -235,6 +266,8 @@ def test_objective_config_errors(tiny):
     with pytest.raises(ValueError, match="no teachers are configured"):
         Objective(bb, ValrConfig(k=4, lambda_align=0.5))
     obj = Objective(bb, ValrConfig(k=4, lambda_align=0.0))  # latents without alignment need no teacher
+    with pytest.raises(ValueError, match="ce_weight=0.0: use a weight >= 0, and 0 only with lambda_align > 0"):
+        Objective(bb, ValrConfig(k=4, lambda_align=0.0, ce_weight=0.0))  # nothing to train
     assert obj.aligner is None
 
 

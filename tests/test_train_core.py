@@ -91,6 +91,19 @@ def test_stage2_loss_decreases_on_tiny_overfit_set(smoke, tmp_path):
     assert train(cfg, resume=True) == final
 
 
+def test_alignment_only_stage2_trains_on_the_alignment_alone(smoke, tmp_path):
+    """valr.ce_weight=0: the logged loss is lambda x align at every step, and the alignment falls."""
+    valr = {"k": 1, "align_layer": 1, "projector_width": 16, "lambda_align": 0.5, "ce_weight": 0.0,
+            "teachers": [{"name": "dino", "path": str(smoke["teacher"]), "image_size": 56}]}
+    train(_cfg(smoke, tmp_path / "run", max_steps=6, lr_llm=3e-3, lr_projector=3e-3, valr=valr))
+    rows = _history(tmp_path / "run")
+    for r in rows:
+        assert r["loss"] == pytest.approx(0.5 * r["align"], rel=1e-5) and r["ce"] > 0
+    assert rows[-1]["align"] < rows[0]["align"]
+    with pytest.raises(TrainError, match="with both 0 stage 2 has nothing to train"):
+        train(_cfg(smoke, tmp_path / "none", valr={**valr, "lambda_align": 0.0, "teachers": []}))
+
+
 def test_rescaled_latent_feed_is_trained_and_saved(smoke, tmp_path):
     """valr.latent_feed reaches the engine (the logged fed-latent norm is the embedding table's RMS x sqrt(D) at
     step 1, whatever the source checkpoint says) and the final checkpoint, which then generates the same way."""

@@ -23,6 +23,9 @@ class ValrConfig:
     k: int = 16  # latent positions per segment (a perfect square: they form a sqrt(K) x sqrt(K) grid)
     align_layer: int = 12  # decoder layer whose output is aligned (1-based; paper: 12 of 28)
     lambda_align: float = 0.5  # weight of the REPA loss beside cross-entropy
+    # weight of the cross-entropy in stage 2 (the paper: 1). 0 trains on the alignment alone, a warm-up that
+    # teaches the latents to carry their view before the text learns to read them (not in the paper)
+    ce_weight: float = 1.0
     projector_width: int = 2048  # hidden width of each teacher's MLP projector
     teachers: list[TeacherSpec] = field(default_factory=list)
     train_mode: str = "exact"  # exact: gradients through the latent recurrence; fast: detached latent inputs
@@ -51,6 +54,10 @@ class ValrConfig:
     # so the text, question included, sees the images through the latents alone (valr.backbones.base). Saved with
     # every checkpoint, so generation and evaluation of the model use the same layout
     image_bottleneck: bool = False
+
+    def stage2_loss(self, ce, align):
+        """The stage-2 objective from its parts (one formula for every training loop)."""
+        return self.ce_weight * ce + self.lambda_align * align
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -55,6 +55,8 @@ class Objective:
         self.teachers = {t.name: t for t in teachers}
         if config.lambda_align > 0 and not self.teachers:
             raise ValueError("lambda_align > 0 but no teachers are configured; add teachers or set lambda_align=0")
+        if config.ce_weight < 0 or (config.ce_weight == 0 and config.lambda_align <= 0):
+            raise ValueError(f"ce_weight={config.ce_weight}: use a weight >= 0, and 0 only with lambda_align > 0")
         if aligner is None and self.teachers:
             aligner = Aligner.for_config(backbone.hidden_size, {n: t.dim for n, t in self.teachers.items()},
                                          config).to(backbone.model.device)
@@ -79,7 +81,7 @@ class Objective:
                 feats = target_features(teacher, [p for _, p in rows], self.caches.get(name))
                 targets[name] = [(i, *feats[p]) for i, p in rows]
             align, per_teacher = self.aligner.loss(out.latent_states, targets)
-        loss = out.loss_ce + self.config.lambda_align * align
+        loss = self.config.stage2_loss(out.loss_ce, align)
         return LossParts(loss, out.loss_ce, align, per_teacher, out.n_label_tokens, len(rows), out)
 
     def parameters(self):

@@ -332,7 +332,7 @@ class TrainModule(nn.Module):
         if rows and self.aligner is not None and cfg.lambda_align > 0:
             items = {name: [(i, *feats[p]) for i, p in rows] for name, feats in targets.items()}
             align, per = self.aligner.loss(out.latent_states, items)
-        loss = out.loss_ce + cfg.lambda_align * align
+        loss = cfg.stage2_loss(out.loss_ce, align)
         norm = (out.latent_inputs.detach().float().norm(dim=-1).mean() if out.latent_inputs.numel()
                 else loss.detach().new_zeros(()))
         return {"loss": loss, "ce": out.loss_ce, "align": align, "latent_norm": norm, "per_teacher": per,
@@ -545,6 +545,9 @@ class _Trainer:
         cfg, v = self.cfg, self.cfg.valr
         self.teachers: dict[str, Any] = {}
         self.caches: dict[str, FeatureCache] = {}
+        if v.ce_weight < 0 or (cfg.stage == 2 and v.ce_weight == 0 and v.lambda_align <= 0):
+            raise TrainError(f"valr.ce_weight={v.ce_weight}: use a weight >= 0, and 0 only with lambda_align > 0 "
+                             "(an alignment-only warm-up); with both 0 stage 2 has nothing to train")
         if cfg.stage != 2 or v.lambda_align <= 0:
             return
         if not v.teachers:

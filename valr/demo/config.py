@@ -122,6 +122,10 @@ class DemoConfig:
     # valr.image_bottleneck for the latent variants (a diagnostic layout: only latent slots and image tokens see the
     # images; docs/results.md What next 4(c)); stages 0-1 and SFT train as usual
     image_bottleneck: bool = False
+    # VaLR-S (and VaLR-M) start from a stage 2 of this many steps on the alignment alone (valr.ce_weight = 0:
+    # the latents learn to carry their view before the text learns to read them; docs/results.md What next 4),
+    # then train their stage2_steps as usual. 0: straight from stage 1 (the paper). Not in the unaligned variants
+    align_first_steps: int = 0
     # what the aligned variants' latents are pulled toward: "view" (the step's input view, as in the paper's
     # multi-view data) or "focus" (what the step finds, drawn alone: valr.synth.focus, like the paper's
     # interleaved images); the text and every other variant are the same either way

@@ -433,24 +433,30 @@ def variant_stages(run: DemoRun, percept: Any) -> None:
     latent = latent_key(c)
 
     def variant(name: str, up: str, stage: int, lam: float, teachers: list, fraction: float = 1.0,
-                feed: str | None = None, keep_best: bool = False):
+                feed: str | None = None, keep_best: bool = False, align_only: int = 0):
+        """``align_only``: instead a stage 2 of that many steps on the alignment alone, trained at once (a
+        variant starts from it)."""
         ddir = run.aligned_dir if teachers else cdir
+        steps = align_only or c.stage2_steps
         fn = functools.partial(_train, c, model=Path(training[up]["checkpoint"]), data=ddir / "train.jsonl",
-                               stage=stage, steps=c.stage2_steps, lr=c.stage2_lr, lambda_align=lam,
+                               stage=stage, steps=steps, lr=c.stage2_lr, lambda_align=lam,
                                teachers=teachers, data_fraction=fraction, latent_feed=feed,
                                val_data=ddir / "val_small.jsonl" if stage == 2 else None,
-                               progress=run.progress and c.variant_workers == 1, keep_best=keep_best)
+                               progress=run.progress and (c.variant_workers == 1 or bool(align_only)),
+                               keep_best=keep_best, ce_weight=0.0 if align_only else 1.0)
         key = {"up": st.fps[up], "stage": stage, "lambda": lam,
                "teachers": [_without_paths(dataclasses.asdict(t)) for t in teachers],  # teacher_fp: its content
-               "steps": c.stage2_steps, "lr": c.stage2_lr, "projector_lr": c.projector_lr, "fraction": fraction,
+               "steps": steps, "lr": c.stage2_lr, "projector_lr": c.projector_lr, "fraction": fraction,
                "teacher_fp": st.fps["teacher"] if teachers else None}
+        if align_only:
+            key["ce_weight"] = 0.0
         if stage == 2:
             key["latent"] = {**latent, "latent_feed": feed} if feed else latent
         if teachers and c.step_targets != "view":  # absent for view targets, as before the option existed
             key["targets"] = st.fps["focus"]
         if keep_best:
             key["best"] = BEST_PASSES
-        if c.variant_workers == 1:
+        if c.variant_workers == 1 or align_only:
             training[name] = st.run(name, key, fn)
         else:
             jobs.append((name, key, fn))
@@ -461,9 +467,13 @@ def variant_stages(run: DemoRun, percept: Any) -> None:
     variant("latent_no_align", "stage1", 2, 0.0, [])
     if c.pause_control:
         variant("latent_pause", "stage1", 2, 0.0, [], feed="pause")
-    variant("valr_s", "stage1", 2, c.lambda_align, [percept])
+    aligned_from = "stage1"
+    if c.align_first_steps:
+        aligned_from = "align_first"
+        variant(aligned_from, "stage1", 2, c.lambda_align, [percept], align_only=c.align_first_steps)
+    variant("valr_s", aligned_from, 2, c.lambda_align, [percept])
     if c.valr_m:
-        variant("valr_m", "stage1", 2, c.lambda_align, [percept, TeacherSpec(name="qe", kind="self")])
+        variant("valr_m", aligned_from, 2, c.lambda_align, [percept, TeacherSpec(name="qe", kind="self")])
     if frac := fraction_stages(c):
         stage1(run, frac[0], c.data_fraction, c.fraction_best)
         variant(frac[1], frac[0], 2, c.lambda_align, [percept], c.data_fraction, keep_best=c.fraction_best)

@@ -202,11 +202,12 @@ def _train(cfg: DemoConfig, out: Path, *, model: Path, data: Path, stage: int, s
            lr_vision: float = 0.0, lambda_align: float = 0.0, teachers: list | None = None,
            data_fraction: float = 1.0, val_data: Path | None = None, progress: bool = True,
            batch_size: int | None = None, save_every: int | None = None, keep_last: int = 1,
-           latent_feed: str | None = None, keep_best: bool = False) -> dict[str, Any]:
+           latent_feed: str | None = None, keep_best: bool = False, ce_weight: float = 1.0) -> dict[str, Any]:
     """One ``valr.trainer.train`` call; returns the final checkpoint path and a summary of its history.
     ``save_every``/``keep_last`` space and keep the resumable checkpoints (default: four per run, the last kept);
     ``latent_feed`` overrides the config's for a stage-2 run. ``keep_best``: BEST_PASSES validation passes, and the
-    checkpoint returned is the one of lowest validation CE (its step and metrics under ``best``)."""
+    checkpoint returned is the one of lowest validation CE (its step and metrics under ``best``); ``ce_weight``
+    0: a stage 2 on the alignment alone."""
     import torch
 
     from valr.config import ValrConfig
@@ -217,6 +218,7 @@ def _train(cfg: DemoConfig, out: Path, *, model: Path, data: Path, stage: int, s
                       train_mode=cfg.train_mode, center_targets=cfg.center_targets, latent_after=cfg.latent_after,
                       latent_feed=(latent_feed or cfg.latent_feed) if stage == 2 else "hidden",
                       aligned_latents=cfg.aligned_latents, image_bottleneck=cfg.image_bottleneck and stage == 2,
+                      ce_weight=ce_weight,
                       feature_cache=str(out / "features") if teachers else None)
     tcfg = TrainConfig(model=str(model), train_data=str(data), val_data=str(val_data) if val_data else None,
                        output_dir=str(out / "run"), stage=stage, max_steps=steps,
