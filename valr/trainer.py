@@ -246,7 +246,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.max_steps == 0 and cfg.epochs <= 0:
         bad("set max_steps > 0 or epochs > 0")
     if cfg.keep_best and not cfg.val_data:
-        bad("keep_best: give val_data (the best checkpoint is the one with the lowest validation CE) and eval_every")
+        bad("keep_best: give val_data (the best checkpoint is the one with the lowest validation CE) and set "
+            "eval_every to how often it is measured (0: only at the end, so best = final)")
     if not 0.0 <= cfg.warmup_ratio < 1.0:
         bad("warmup_ratio must be in [0, 1)")
     if cfg.max_length is not None and cfg.max_length < 1:
