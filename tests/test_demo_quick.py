@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 VARIANTS = ("sft", "latent_no_align", "latent_pause", "valr_s", "valr_m")
 
@@ -195,3 +196,17 @@ def test_demo_quick_writes_documented_files(tmp_path):
     for name, on in (("sft", False), ("latent_no_align", True), ("valr_s", True)):
         meta = json.loads((out / name / "run" / "final" / "valr_config.json").read_text())
         assert meta["valr"]["image_bottleneck"] is on, name
+
+    # alignment first: the aligned variants start from a stage 2 on the alignment alone; the unaligned latents
+    # and everything before stage 2 are kept
+    _run(out, "--seed", "3", "fixed_options=false", "tally_counts=true", "image_bottleneck=true",
+         "align_first_steps=3")
+    first = json.loads((out / "results.json").read_text())
+    assert {"stage1", "sft", "latent_no_align", "eval/latent_no_align"} <= set(first["reused_stages"])
+    assert not {"align_first", "valr_s", "valr_m"} & set(first["reused_stages"])
+    assert first["training"]["align_first"]["steps"] == 3
+    warm = yaml.safe_load((out / "align_first" / "run" / "train_config.yaml").read_text())
+    assert warm["valr"]["ce_weight"] == 0.0 and warm["model"].endswith("stage1/run/final")
+    for name in ("valr_s", "valr_m"):
+        cfg = yaml.safe_load((out / name / "run" / "train_config.yaml").read_text())
+        assert cfg["valr"]["ce_weight"] == 1.0 and cfg["model"].endswith("align_first/run/final"), name
