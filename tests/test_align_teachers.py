@@ -175,11 +175,28 @@ def test_self_teacher_and_plugins(tiny, image_dir):
         build_teacher(TeacherSpec(name="x", kind="hf", path="/does/not/exist"))
 
 
-def test_feature_cache_hits_and_rejects_other_teachers(tmp_path, image_dir):
+def _tiny_dinov2():
+    """A random 1-layer DINOv2 encoder on 56 px images (a 4 x 4 patch grid of 16-dim features)."""
     from transformers import Dinov2Config, Dinov2Model
 
-    enc = Dinov2Model(Dinov2Config(image_size=56, patch_size=14, hidden_size=16, num_hidden_layers=1,
-                                   num_attention_heads=2, intermediate_size=32))
+    return Dinov2Model(Dinov2Config(image_size=56, patch_size=14, hidden_size=16, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=32))
+
+
+def _dino_objective(tiny, records, **cfg):
+    """A stage-2 objective (K = 4, layer 2, lambda 0.5) with a tiny DINOv2 teacher, a batch of the records, and
+    the teacher's encoder."""
+    model, tok, _, bb, latent = tiny
+    model.train()
+    enc = _tiny_dinov2()
+    teacher = HFVisionTeacher(TeacherSpec(name="dino", image_size=56), model=enc)
+    obj = Objective(bb, ValrConfig(k=4, align_layer=2, lambda_align=0.5, projector_width=32, **cfg),
+                    teachers=[teacher])
+    return obj, make_batch(records, tok, bb, LayoutConfig(k=4), latent), enc
+
+
+def test_feature_cache_hits_and_rejects_other_teachers(tmp_path, image_dir):
+    enc = _tiny_dinov2()
     teacher = HFVisionTeacher(TeacherSpec(name="d", image_size=56), model=enc)
     cache = FeatureCache(tmp_path / "cache", teacher)
     paths = [image_dir / "a.png", image_dir / "b.png", image_dir / "a.png"]
@@ -207,16 +224,8 @@ def test_feature_cache_hits_and_rejects_other_teachers(tmp_path, image_dir):
 
 
 def test_stage2_gradients_reach_projector_and_llm_not_teacher(tiny, records, tmp_path):
-    from transformers import Dinov2Config, Dinov2Model
-
-    model, tok, _, bb, latent = tiny
-    model.train()
-    enc = Dinov2Model(Dinov2Config(image_size=56, patch_size=14, hidden_size=16, num_hidden_layers=1,
-                                   num_attention_heads=2, intermediate_size=32))
-    teacher = HFVisionTeacher(TeacherSpec(name="dino", image_size=56), model=enc)
-    cfg = ValrConfig(k=4, align_layer=2, lambda_align=0.5, projector_width=32, feature_cache=str(tmp_path / "fc"))
-    obj = Objective(bb, cfg, teachers=[teacher])
-    batch = make_batch(records, tok, bb, LayoutConfig(k=4), latent)
+    model = tiny[0]
+    obj, batch, enc = _dino_objective(tiny, records, feature_cache=str(tmp_path / "fc"))
     parts = obj.stage2(batch)
     assert parts.n_aligned_segments == 5  # 2 + 2 (one step without target) + 1
     assert 0.0 < float(parts.align) < 2.0
@@ -228,18 +237,9 @@ def test_stage2_gradients_reach_projector_and_llm_not_teacher(tiny, records, tmp
     assert "latent_norm" in parts.logs() and "align/dino" in parts.logs()
 
 
-def test_alignment_only_stage2_has_exactly_the_alignment_gradient(tiny, records, tmp_path):
+def test_alignment_only_stage2_has_exactly_the_alignment_gradient(tiny, records):
     """valr.ce_weight = 0 (an alignment-only warm-up): the loss and every gradient are lambda x the alignment's."""
-    from transformers import Dinov2Config, Dinov2Model
-
-    model, tok, _, bb, latent = tiny
-    model.train()
-    enc = Dinov2Model(Dinov2Config(image_size=56, patch_size=14, hidden_size=16, num_hidden_layers=1,
-                                   num_attention_heads=2, intermediate_size=32))
-    teacher = HFVisionTeacher(TeacherSpec(name="dino", image_size=56), model=enc)
-    cfg = ValrConfig(k=4, align_layer=2, lambda_align=0.5, projector_width=32, ce_weight=0.0)
-    obj = Objective(bb, cfg, teachers=[teacher])
-    batch = make_batch(records, tok, bb, LayoutConfig(k=4), latent)
+    obj, batch, _ = _dino_objective(tiny, records, ce_weight=0.0)
     parts = obj.stage2(batch, mode="exact")
     assert float(parts.ce) > 0.5  # computed and logged, just not trained
     torch.testing.assert_close(parts.loss, 0.5 * parts.align)
