@@ -55,6 +55,13 @@ class ValrConfig:
     # every checkpoint, so generation and evaluation of the model use the same layout
     image_bottleneck: bool = False
 
+    def loss_weights_error(self, stage: int = 2) -> str | None:
+        """Why the loss weights cannot train (None: they can). Stage 1 trains on the CE whatever they are."""
+        if self.ce_weight < 0 or (stage == 2 and self.ce_weight == 0 and self.lambda_align <= 0):
+            return (f"valr.ce_weight={self.ce_weight}: use a weight >= 0, and 0 only with lambda_align > 0 "
+                    "(an alignment-only warm-up); with both 0 stage 2 has nothing to train")
+        return None
+
     def stage2_loss(self, ce, align):
         """The stage-2 objective from its parts (one formula for every training loop)."""
         return self.ce_weight * ce + self.lambda_align * align

@@ -55,8 +55,8 @@ class Objective:
         self.teachers = {t.name: t for t in teachers}
         if config.lambda_align > 0 and not self.teachers:
             raise ValueError("lambda_align > 0 but no teachers are configured; add teachers or set lambda_align=0")
-        if config.ce_weight < 0 or (config.ce_weight == 0 and config.lambda_align <= 0):
-            raise ValueError(f"ce_weight={config.ce_weight}: use a weight >= 0, and 0 only with lambda_align > 0")
+        if problem := config.loss_weights_error():
+            raise ValueError(problem)
         if aligner is None and self.teachers:
             aligner = Aligner.for_config(backbone.hidden_size, {n: t.dim for n, t in self.teachers.items()},
                                          config).to(backbone.model.device)

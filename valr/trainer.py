@@ -546,9 +546,8 @@ class _Trainer:
         cfg, v = self.cfg, self.cfg.valr
         self.teachers: dict[str, Any] = {}
         self.caches: dict[str, FeatureCache] = {}
-        if v.ce_weight < 0 or (cfg.stage == 2 and v.ce_weight == 0 and v.lambda_align <= 0):
-            raise TrainError(f"valr.ce_weight={v.ce_weight}: use a weight >= 0, and 0 only with lambda_align > 0 "
-                             "(an alignment-only warm-up); with both 0 stage 2 has nothing to train")
+        if problem := v.loss_weights_error(cfg.stage):
+            raise TrainError(problem)
         if cfg.stage != 2 or v.lambda_align <= 0:
             return
         if not v.teachers:

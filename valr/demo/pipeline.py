@@ -438,11 +438,12 @@ def variant_stages(run: DemoRun, percept: Any) -> None:
         variant starts from it)."""
         ddir = run.aligned_dir if teachers else cdir
         steps = align_only or c.stage2_steps
+        now = c.variant_workers == 1 or bool(align_only)  # trained here, not with the others below
         fn = functools.partial(_train, c, model=Path(training[up]["checkpoint"]), data=ddir / "train.jsonl",
                                stage=stage, steps=steps, lr=c.stage2_lr, lambda_align=lam,
                                teachers=teachers, data_fraction=fraction, latent_feed=feed,
                                val_data=ddir / "val_small.jsonl" if stage == 2 else None,
-                               progress=run.progress and (c.variant_workers == 1 or bool(align_only)),
+                               progress=run.progress and now,
                                keep_best=keep_best, ce_weight=0.0 if align_only else 1.0)
         key = {"up": st.fps[up], "stage": stage, "lambda": lam,
                "teachers": [_without_paths(dataclasses.asdict(t)) for t in teachers],  # teacher_fp: its content
@@ -456,7 +457,7 @@ def variant_stages(run: DemoRun, percept: Any) -> None:
             key["targets"] = st.fps["focus"]
         if keep_best:
             key["best"] = BEST_PASSES
-        if c.variant_workers == 1 or align_only:
+        if now:
             training[name] = st.run(name, key, fn)
         else:
             jobs.append((name, key, fn))
