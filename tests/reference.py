@@ -27,14 +27,26 @@ def naive_bottleneck_mask(ids: list[int], image_id: int, slots: list[int]) -> to
                          for i in range(len(ids))])[None, None]
 
 
-def naive_latent_forward(bb, single: Batch, layer: int, feed: str = "hidden", bottleneck: bool = False):
+def naive_grid_position(text_pos: int, slot: int, side: int) -> list[int]:
+    """Slot ``slot`` of a segment, its 1-D text position given: (start, start + row, start + column)."""
+    start = text_pos - slot
+    return [start, start + slot // side, start + slot % side]
+
+
+def naive_latent_forward(bb, single: Batch, layer: int, feed: str = "hidden", bottleneck: bool = False,
+                         grid: int = 0):
     """A batch of one sample: for every slot in order, recompute the whole prefix without a cache and feed back
     the last hidden state. Returns (final hidden (L, D), alignment-layer states at slots, slot inputs).
-    ``bottleneck``: under :func:`naive_bottleneck_mask` (the sample must have no padding)."""
+    ``bottleneck``: under :func:`naive_bottleneck_mask` (the sample must have no padding). ``grid``: latent
+    slots at :func:`naive_grid_position` on a grid of that side (0: text positions)."""
     assert single.size == 1
     ids, mask = single.input_ids, single.attention_mask
     embeds = bb.embed(ids, single.images)[0]
-    pos = bb.position_ids(ids, mask, single.images)
+    pos = bb.position_ids(ids, mask, single.images).clone()
+    if grid:
+        for s in single.segment_starts[0]:
+            for j in range(single.k):
+                pos[:, 0, s + j] = torch.tensor(naive_grid_position(int(pos[0, 0, s + j]), j, grid))
     rows = list(embeds)
     slots = single.slot_positions(0)
     if bottleneck:
@@ -50,10 +62,11 @@ def naive_latent_forward(bb, single: Batch, layer: int, feed: str = "hidden", bo
 
 
 def naive_generate(bb, tok, latent, prompt_ids: list[int], images, policy: str, k: int, max_new_tokens: int,
-                   step_end: torch.Tensor, eos: list[int], feed: str = "hidden", bottleneck: bool = False):
+                   step_end: torch.Tensor, eos: list[int], feed: str = "hidden", bottleneck: bool = False,
+                   grid: int = 0):
     """Greedy generation by full recomputation at every position (batch 1, no cache, no padding).
     ``bottleneck``: only image tokens and fed latents attend to the image tokens (a lower-triangular mask with
-    those columns removed from every other row).
+    those columns removed from every other row). ``grid``: fed latents at :func:`naive_grid_position`.
 
     Returns (generated token ids, list of fed-back latent vectors).
     """
@@ -77,6 +90,7 @@ def naive_generate(bb, tok, latent, prompt_ids: list[int], images, policy: str, 
             m = torch.ones(1, len(rows), dtype=torch.long)
         out = bb.decode(torch.stack(rows)[None], pos[:, None], m, None)
         h = out.last_hidden[0, -1]
+        row_pos = [next_pos] * 3  # the position of the row appended now
         if left > 0:
             rows.append(naive_feed(bb, h, feed, latent.slot))
             image_row.append(False)
@@ -84,6 +98,8 @@ def naive_generate(bb, tok, latent, prompt_ids: list[int], images, policy: str, 
             fed.append(rows[-1])
             left -= 1
             close = left == 0
+            if grid:
+                row_pos = naive_grid_position(next_pos, k - left - 1, grid)
         else:
             if close:
                 t, close = latent.end, False
@@ -102,5 +118,5 @@ def naive_generate(bb, tok, latent, prompt_ids: list[int], images, policy: str, 
             rows.append(emb(torch.tensor(t)))
             image_row.append(False)
             sees.append(False)
-        pos = torch.cat([pos, torch.full((3, 1), next_pos)], 1)
+        pos = torch.cat([pos, torch.tensor(row_pos)[:, None]], 1)
         next_pos += 1

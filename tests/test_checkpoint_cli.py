@@ -97,3 +97,17 @@ def test_help_explains(capsys):
         main(["generate", "--help"])
     text = capsys.readouterr().out
     assert "--latent-policy" in text and "force" in text
+
+
+def test_latent_positions_travel_with_the_checkpoint(tiny, tmp_path):
+    """A model trained with latent grid positions is loaded with them (side from its K), and a bad value in the
+    file names the file."""
+    model, tok, ip, bb, latent = tiny
+    save_checkpoint(tmp_path / "ck", model, tok, ip, ValrConfig(k=9, latent_positions="grid", image_bottleneck=True))
+    loaded = load_checkpoint(tmp_path / "ck")
+    assert loaded.backbone.latent_grid_side == 3 and loaded.backbone.image_bottleneck
+    meta = json.loads((tmp_path / "ck" / "valr_config.json").read_text())
+    meta["valr"]["latent_positions"] = "rows"
+    (tmp_path / "ck" / "valr_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"valr_config.json: valr.latent_positions='rows'.*fix the file"):
+        load_checkpoint(tmp_path / "ck")

@@ -188,19 +188,21 @@ def test_demo_quick_writes_documented_files(tmp_path):
     assert img.is_relative_to((out / "chains").resolve())
     assert img.stat().st_ino == (out / "world" / img.relative_to((out / "chains").resolve())).stat().st_ino
 
-    # the image bottleneck retrains the latent variants only, and their checkpoints carry it to evaluation
-    _run(out, "--seed", "3", "fixed_options=false", "tally_counts=true", "image_bottleneck=true")
+    # the image bottleneck and latent grid positions retrain the latent variants only, and their checkpoints carry
+    # both to evaluation
+    blocked_args = ("fixed_options=false", "tally_counts=true", "image_bottleneck=true", "latent_positions=grid")
+    _run(out, "--seed", "3", *blocked_args)
     blocked = json.loads((out / "results.json").read_text())
     assert {"stage1", "sft", "eval/sft"} <= set(blocked["reused_stages"])
     assert not {"latent_no_align", "valr_s"} & set(blocked["reused_stages"])
     for name, on in (("sft", False), ("latent_no_align", True), ("valr_s", True)):
         meta = json.loads((out / name / "run" / "final" / "valr_config.json").read_text())
         assert meta["valr"]["image_bottleneck"] is on, name
+        assert meta["valr"]["latent_positions"] == ("grid" if on else "text"), name
 
     # alignment first: the aligned variants start from a stage 2 on the alignment alone; the unaligned latents
     # and everything before stage 2 are kept
-    _run(out, "--seed", "3", "fixed_options=false", "tally_counts=true", "image_bottleneck=true",
-         "align_first_steps=3")
+    _run(out, "--seed", "3", *blocked_args, "align_first_steps=3")
     first = json.loads((out / "results.json").read_text())
     assert {"stage1", "sft", "latent_no_align", "eval/latent_no_align"} <= set(first["reused_stages"])
     assert not {"align_first", "valr_s", "valr_m"} & set(first["reused_stages"])

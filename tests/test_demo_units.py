@@ -327,12 +327,14 @@ def test_demo_overrides_change_the_recipe_and_reject_bad_keys():
     assert base.with_overrides([r"latent_after=#\d+", "latent_after=null"]).latent_after is None
     assert base.with_overrides(["step_targets=focus"]).step_targets == "focus"
     assert base.with_overrides(["latent_feed=embedding_rms"]).latent_feed == "embedding_rms"
+    assert base.with_overrides(["latent_positions=grid"]).latent_positions == "grid"
     assert (base.with_overrides(["k=20", "aligned_latents=16"]).aligned_latents, base.with_overrides(["k=0"]).k) \
         == (16, 0)  # k = 0 (plain CoT, docs/dev's SFT runs) needs no grid
     for bad, words in [("stage0_stepz=3", "unknown key"), ("stage0_steps=abc", "expected int"),
                        ("valr_m=1", "expected bool"), ("teacher.stepz=1", "unknown key"), ("seed=3", "--seed"),
                        ("stage0_steps", "key=value"), ("step_targets=crop", "one of"),
-                       ("latent_feed=unit", "one of"), ("aligned_latents=5", "square grid"),
+                       ("latent_feed=unit", "one of"), ("latent_positions=rows", "latent_positions.*one of"),
+                       ("aligned_latents=5", "square grid"),
                        ("k=20", "e.g. 16 of K=20")]:
         with pytest.raises(ConfigError, match=words):
             base.with_overrides([bad])

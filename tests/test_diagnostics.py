@@ -63,12 +63,14 @@ def setup(tmp_path_factory):
     return root, valr, plain, data
 
 
-def test_trace_follows_the_image_bottleneck(setup):
+@pytest.mark.parametrize("grid", [0, 2])
+def test_trace_follows_the_image_bottleneck(setup, grid):
     """Under the image bottleneck the trace's forward reproduces generation (each fed latent is the hidden state
-    before it) and no text position puts attention on an image token."""
+    before it) and no text position puts attention on an image token; likewise with latent grid positions."""
     _, valr, _, data = setup
     subject = load_subject(valr, policy="force", k=4)
     subject.backbone.image_bottleneck = True
+    subject.backbone.latent_grid_side = grid
     samples = load_samples(data)
     results = generate(subject, samples, generation_config(subject, 14), batch_size=4)
     checked = 0

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, PreTrainedModel
 
 from valr.align import Aligner
-from valr.backbones import LATENT_FEEDS, Backbone, backbone_for
+from valr.backbones import LATENT_FEEDS, Backbone, backbone_for, set_layout
 from valr.config import ValrConfig
 from valr.tokens import QWEN_VL_CHAT_TEMPLATE, add_latent_tokens
 
@@ -100,7 +100,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
         raise ValueError(f"{path / VALR_CONFIG}: latent_feed {config.latent_feed!r} is not one of "
                          f"{list(LATENT_FEEDS)}; fix the file (the paper's feedback is 'hidden')")
     backbone = backbone_for(model, image_processor=image_processor, latent_feed=config.latent_feed)
-    backbone.image_bottleneck = config.image_bottleneck
+    try:
+        set_layout(backbone, config)
+    except ValueError as e:
+        raise ValueError(f"{path / VALR_CONFIG}: {e}; fix the file") from None
     if meta:
         shapes = meta.get("projectors")
         if shapes and (path / PROJECTORS).is_file():

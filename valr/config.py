@@ -54,6 +54,10 @@ class ValrConfig:
     # so the text, question included, sees the images through the latents alone (valr.backbones.base). Saved with
     # every checkpoint, so generation and evaluation of the model use the same layout
     image_bottleneck: bool = False
+    # where latent slots sit on the rotary axes: "text" (1-D positions like any text token: the paper) or "grid"
+    # (slot j of each segment at row j // side, column j % side of the aligned grid, as an image's patches sit;
+    # not in the paper; valr.backbones.base). Saved with every checkpoint, so generation and evaluation use them
+    latent_positions: str = "text"
 
     def loss_weights_error(self, stage: int = 2) -> str | None:
         """Why the loss weights cannot train (None: they can). Stage 1 trains on the CE whatever they are."""

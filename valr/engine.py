@@ -37,8 +37,10 @@ from valr.backbones.base import (
     bottleneck_mask,
     chunk_mask,
     feeds_back,
+    grid_positions,
     image_bottleneck,
     latent_feeder,
+    latent_grid,
 )
 from valr.data.collate import Batch
 from valr.data.layout import IGNORE
@@ -72,6 +74,12 @@ def _inputs(backbone: Backbone, batch: Batch) -> tuple[torch.Tensor, torch.Tenso
     ids = batch.input_ids.to(device)
     embeds = backbone.embed(ids, batch.images)
     positions = backbone.position_ids(ids, batch.attention_mask.to(device), batch.images)
+    side = latent_grid(backbone)
+    if side and batch.k:  # latent slots on the grid (valr.latent_positions = "grid"); text keeps its positions
+        slot = torch.arange(batch.k, device=positions.device)
+        for b, starts in enumerate(batch.segment_starts):
+            for s in starts:
+                positions[:, b, s:s + batch.k] = grid_positions(positions[0, b, s:s + batch.k], slot, side)
     return embeds, positions
 
 

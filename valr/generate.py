@@ -73,8 +73,10 @@ from valr.backbones.base import (
     ImageInputs,
     block_image_keys,
     bottleneck_mask,
+    grid_positions,
     image_bottleneck,
     latent_feeder,
+    latent_grid,
 )
 from valr.data.layout import prompt_ids
 from valr.tokens import LatentTokenIds, step_end_table
@@ -213,6 +215,7 @@ class Generator:
         lat = self.latent
         positions = bb.position_ids(ids, mask, images)
         bottleneck = image_bottleneck(bb)  # only latent slots (and image tokens) see the image tokens
+        side = latent_grid(bb)
         key_images = ids == bb.image_token_id if bottleneck else None
         prefill_mask = bottleneck_mask(mask, key_images) if bottleneck else mask
         out = bb.decode(bb.embed(ids, images), positions, prefill_mask, bb.new_cache(append_only=True))
@@ -334,6 +337,9 @@ class Generator:
                 key_images = torch.cat([key_images, torch.zeros_like(key_images[:, :1])], 1)
                 step_mask = block_image_keys(mask.bool()[:, None, None, :], key_images, feed_hidden[:, None])
             pos = next_pos.view(1, batch, 1).expand(3, batch, 1)
+            if side and bool(feed_hidden.any()):  # latent slots on the grid (valr.latent_positions = "grid")
+                slot = torch.tensor([cfg.k - left - 1 for left in latent_left], device=device)
+                pos = torch.where(feed_hidden.view(1, batch, 1), grid_positions(next_pos, slot, side)[..., None], pos)
             out = bb.decode(inputs[:, None], pos, step_mask, cache)
             cache, hidden = out.cache, out.last_hidden[:, -1]
             next_pos = next_pos + active

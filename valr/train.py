@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from valr.align import Aligner, latent_grid_side
-from valr.backbones import Backbone
+from valr.backbones import Backbone, set_layout
 from valr.config import ValrConfig
 from valr.data.collate import Batch
 from valr.engine import EngineOutput, forward_latent, forward_plain
@@ -47,7 +47,7 @@ class Objective:
                           f"this objective's config says {config.latent_feed!r}, which is used from now on",
                           stacklevel=2)
         backbone.latent_feed = config.latent_feed
-        backbone.image_bottleneck = config.image_bottleneck  # likewise the config's layout
+        set_layout(backbone, config)  # likewise the config's layout (bottleneck, latent positions)
         self.backbone = backbone
         self.config = config
         if teachers is None:

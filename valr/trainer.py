@@ -56,7 +56,7 @@ import torch
 import yaml
 from torch import nn
 
-from valr.backbones.base import LATENT_FEEDS
+from valr.backbones.base import LATENT_FEEDS, LATENT_POSITIONS, set_layout
 from valr.config import ConfigError, ValrConfig, apply_overrides, build_dataclass
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -234,6 +234,8 @@ def validate(cfg: TrainConfig) -> None:
         bad(f"valr.train_mode={cfg.valr.train_mode!r} is not one of ['exact', 'fast']")
     if cfg.valr.latent_feed not in LATENT_FEEDS:
         bad(f"valr.latent_feed={cfg.valr.latent_feed!r} is not one of {list(LATENT_FEEDS)}")
+    if cfg.valr.latent_positions not in LATENT_POSITIONS:
+        bad(f"valr.latent_positions={cfg.valr.latent_positions!r} is not one of {list(LATENT_POSITIONS)}")
     if not 0.0 < cfg.data_fraction <= 1.0:
         bad(f"data_fraction={cfg.data_fraction} must be in (0, 1]")
     for key in ("per_device_batch_size", "grad_accum", "keep_last", "log_every"):
@@ -501,7 +503,7 @@ class _Trainer:
         self.ip = loaded.image_processor
         self.backbone = loaded.backbone
         self.backbone.latent_feed = cfg.valr.latent_feed  # this run's setting, whatever the source checkpoint had
-        self.backbone.image_bottleneck = cfg.valr.image_bottleneck  # likewise
+        set_layout(self.backbone, cfg.valr)  # likewise the bottleneck and latent positions
         self.image_side = ImageSide.of(loaded.backbone)
         v = cfg.valr
         self.k = v.k if cfg.stage == 2 else 0

@@ -187,6 +187,39 @@ def image_bottleneck(backbone: Backbone) -> bool:
     return bool(getattr(backbone, "image_bottleneck", False))
 
 
+# Latent grid positions (not in the paper, where latent slots are text tokens with 1-D positions): slot j of a
+# segment whose first slot has the 1-D position p sits at (p, p + j // side, p + j % side) on Qwen2.5-VL's
+# (temporal, height, width) rotary axes, as the model places an image's merged patches; text after the segment
+# keeps its 1-D positions. The latents then carry the aligned grid in their positions too, so a lookup the model
+# learned on image tokens (by row and column) can address them. Off unless a backbone sets ``latent_grid_side``
+# (from ``valr.latent_positions = "grid"`` of the run or checkpoint).
+LATENT_POSITIONS = ("text", "grid")
+
+
+def latent_grid(backbone: Backbone) -> int:
+    """The grid side latent slots are placed on (0: 1-D text positions, the paper)."""
+    return int(getattr(backbone, "latent_grid_side", 0))
+
+
+def grid_positions(text_pos: torch.Tensor, slot: torch.Tensor, side: int) -> torch.Tensor:
+    """(3, ...) grid positions of latent slots from their 1-D text positions and their index in the segment."""
+    start = text_pos - slot
+    return torch.stack([start, start + torch.div(slot, side, rounding_mode="floor"), start + slot % side])
+
+
+def set_layout(backbone: Backbone, config) -> None:
+    """Give a backbone a run's or checkpoint's layout options (``valr.ValrConfig``): the image bottleneck and
+    the latent positions. Generation, diagnostics and training read them from the backbone."""
+    from valr.align import latent_grid_side
+
+    if config.latent_positions not in LATENT_POSITIONS:
+        raise ValueError(f"valr.latent_positions={config.latent_positions!r}: use one of {list(LATENT_POSITIONS)} "
+                         "('text', the paper's 1-D positions, unless you mean to test grid positions)")
+    backbone.image_bottleneck = config.image_bottleneck
+    backbone.latent_grid_side = (latent_grid_side(config.k, config.aligned_latents)
+                                 if config.latent_positions == "grid" else 0)
+
+
 def causal_mask(valid: torch.Tensor) -> torch.Tensor:
     """(B, L) key mask -> (B, 1, L, L) boolean causal mask. Every position attends to itself, padding included, so
     no row is empty (padded rows are ignored downstream)."""

@@ -122,6 +122,9 @@ class DemoConfig:
     # valr.image_bottleneck for the latent variants (a diagnostic layout: only latent slots and image tokens see the
     # images; docs/results.md What next 4(c)); stages 0-1 and SFT train as usual
     image_bottleneck: bool = False
+    # valr.latent_positions for the latent variants: "text" (1-D, the paper) or "grid" (each segment's slots at the
+    # rows and columns of the aligned grid on the rotary axes, as image patches sit; docs/method.md)
+    latent_positions: str = "text"
     # VaLR-S (and VaLR-M) start from a stage 2 of this many steps on the alignment alone (valr.ce_weight = 0:
     # the latents learn to carry their view before the text learns to read them; docs/results.md What next 4),
     # then train their stage2_steps as usual. 0: straight from stage 1 (the paper). Not in the unaligned variants
@@ -216,10 +219,13 @@ class DemoConfig:
                               "(1 trains the variants one after another)")
         if data["step_targets"] not in STEP_TARGETS:
             raise ConfigError(f"demo override step_targets={data['step_targets']!r}: expected one of {STEP_TARGETS}")
-        from valr.backbones.base import LATENT_FEEDS
+        from valr.backbones.base import LATENT_FEEDS, LATENT_POSITIONS
 
         if data["latent_feed"] not in LATENT_FEEDS:
             raise ConfigError(f"demo override latent_feed={data['latent_feed']!r}: expected one of {LATENT_FEEDS}")
+        if data["latent_positions"] not in LATENT_POSITIONS:
+            raise ConfigError(f"demo override latent_positions={data['latent_positions']!r}: expected one of "
+                              f"{LATENT_POSITIONS}")
         from valr.align import latent_grid_side
 
         try:

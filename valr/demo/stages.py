@@ -218,6 +218,7 @@ def _train(cfg: DemoConfig, out: Path, *, model: Path, data: Path, stage: int, s
                       train_mode=cfg.train_mode, center_targets=cfg.center_targets, latent_after=cfg.latent_after,
                       latent_feed=(latent_feed or cfg.latent_feed) if stage == 2 else "hidden",
                       aligned_latents=cfg.aligned_latents, image_bottleneck=cfg.image_bottleneck and stage == 2,
+                      latent_positions=cfg.latent_positions if stage == 2 else "text",
                       ce_weight=ce_weight,
                       feature_cache=str(out / "features") if teachers else None)
     tcfg = TrainConfig(model=str(model), train_data=str(data), val_data=str(val_data) if val_data else None,

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from valr.backbones.base import grid_positions, latent_grid
 from valr.generate import GenerationConfig, GenerationResult, Generator, Prompt
 
 
@@ -253,7 +254,12 @@ def build_trace(subject: Subject, sample: Sample, result: GenerationResult) -> T
                         slots.append(q)
                         targets.append(target(line, answering))
     n = len(rows)
-    gen_pos = pos[:, -1:] + torch.arange(1, n + 1, device=pos.device)
+    gen_pos = (pos[:, -1:] + torch.arange(1, n + 1, device=pos.device)).contiguous()
+    side = latent_grid(bb)
+    if side and n:  # latent slots on the grid, as generation placed them
+        col = torch.tensor([q >= 0 for q in slots], device=pos.device)
+        slot = torch.tensor(slots, device=pos.device).clamp(min=0)
+        gen_pos = torch.where(col, grid_positions(gen_pos[0], slot, side), gen_pos)
     embeds = torch.cat([prompt, torch.stack(rows)]) if rows else prompt
     col_image = torch.cat([col_image, torch.full((n,), -1, dtype=torch.long)])
     return Trace(embeds, torch.cat([pos, gen_pos], 1), ids.shape[1], col_image, kinds, lines, segs, slots, targets)

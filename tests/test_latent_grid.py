@@ -1,0 +1,104 @@
+"""Latent grid positions (``valr.latent_positions = "grid"``): each segment's slots sit on the rotary axes at the
+rows and columns of the aligned grid. Checked against naive full recomputation with independently computed
+positions, fast mode against exact mode, cached generation against recomputation, and by what they change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from valr.backbones.base import grid_positions, set_layout
+from valr.config import ValrConfig
+from valr.data import LayoutConfig, make_batch
+from valr.engine import forward_latent
+from valr.generate import GenerationConfig, Generator, Prompt
+
+from reference import naive_generate, naive_latent_forward
+
+LAYER = 2
+K = 4  # a 2 x 2 grid
+
+
+def test_grid_positions_hand_built():
+    got = grid_positions(torch.tensor([10, 11, 12, 13, 14]), torch.tensor([0, 1, 2, 3, 4]), 2)
+    assert got.tolist() == [[10] * 5, [10, 10, 11, 11, 12], [10, 11, 10, 11, 10]]
+
+
+def test_set_layout_reads_the_config(tiny):
+    bb = tiny[3]
+    set_layout(bb, ValrConfig(k=16, latent_positions="grid"))
+    assert bb.latent_grid_side == 4
+    set_layout(bb, ValrConfig(k=20, aligned_latents=16, latent_positions="grid"))
+    assert bb.latent_grid_side == 4  # the aligned grid's side; the free latents form a fifth row
+    set_layout(bb, ValrConfig(k=16))
+    assert bb.latent_grid_side == 0
+    with pytest.raises(ValueError, match="latent_positions='rows'.*'text'"):
+        set_layout(bb, ValrConfig(k=16, latent_positions="rows"))
+
+
+@pytest.mark.parametrize("bottleneck", [False, True])
+def test_exact_mode_with_grid_positions_matches_naive_reference(tiny, records, bottleneck):
+    model, tok, _, bb, latent = tiny
+    set_layout(bb, ValrConfig(k=K, latent_positions="grid", image_bottleneck=bottleneck))
+    cfg = LayoutConfig(k=K)
+    batch = make_batch(records, tok, bb, cfg, latent)
+    out = forward_latent(bb, batch, LAYER, "exact")
+    fast = forward_latent(bb, batch, LAYER, "fast")
+    with torch.no_grad():
+        no_grad = forward_latent(bb, batch, LAYER, "exact")
+    valid = batch.attention_mask.bool()
+    for got in (fast, no_grad):
+        torch.testing.assert_close(got.hidden[valid], out.hidden[valid], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got.latent_states, out.latent_states, atol=1e-5, rtol=1e-4)
+    for b, rec in enumerate(records):
+        single = make_batch([rec], tok, bb, cfg, latent)
+        hidden, states, inputs = naive_latent_forward(bb, single, LAYER, bottleneck=bottleneck, grid=2)
+        n = hidden.shape[0]
+        rows = [i for i, (ob, _) in enumerate(out.segment_owner) if ob == b]
+        torch.testing.assert_close(out.hidden[b, :n], hidden, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out.latent_states[rows].reshape(-1, bb.hidden_size), states, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out.latent_inputs[rows].reshape(-1, bb.hidden_size), inputs, atol=1e-5, rtol=1e-4)
+    # the positions matter: with text positions the same batch gives other latents
+    set_layout(bb, ValrConfig(k=K, image_bottleneck=bottleneck))
+    with torch.no_grad():
+        text = forward_latent(bb, batch, LAYER, "fast")
+    assert float((text.latent_states - fast.latent_states.detach()).abs().max()) > 1e-3
+
+
+def test_grid_positions_leave_plain_batches_alone(tiny, records):
+    """Without latent segments (stage 1, SFT) the option changes nothing."""
+    model, tok, _, bb, latent = tiny
+    batch = make_batch(records, tok, bb, LayoutConfig(k=0), None)
+    with torch.no_grad():
+        set_layout(bb, ValrConfig(k=K))
+        text = forward_latent(bb, batch, LAYER, "fast").hidden
+        set_layout(bb, ValrConfig(k=K, latent_positions="grid"))
+        grid = forward_latent(bb, batch, LAYER, "fast").hidden
+    assert torch.equal(text, grid)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_cached_generation_with_grid_positions_matches_full_recompute(tiny, image_dir, batched):
+    model, tok, _, bb, latent = tiny
+    set_layout(bb, ValrConfig(k=K, latent_positions="grid"))
+    gen = Generator(bb, tok)
+    cfg = GenerationConfig(max_new_tokens=20, latent_policy="force", k=K, return_latents=True)
+    im = {n: Image.open(image_dir / f"{n}.png") for n in "abc"}
+    prompts = [Prompt("Which object is in the top row?", [im["a"]]),
+               Prompt("Compare the two views.", [im["b"], im["c"]])]
+    groups = [prompts] if batched else [[p] for p in prompts]
+    segments = 0
+    for group in groups:
+        for p, r in zip(group, gen(group, cfg), strict=True):
+            images = bb.image_inputs(p.images) if p.images else None
+            args = (bb, tok, latent, r.prompt_token_ids, images, cfg.latent_policy, cfg.k, cfg.max_new_tokens,
+                    gen.step_end(cfg.step_delimiter), gen.eos, bb.latent_feed)
+            ref_tokens, ref_fed = naive_generate(*args, grid=2)
+            assert r.token_ids == ref_tokens
+            torch.testing.assert_close(torch.cat(r.latents), torch.stack(ref_fed), atol=1e-5, rtol=1e-4)
+            segments += r.latent_segments
+            # the reference with text positions feeds other latents (so the comparison sees the positions)
+            _, text_fed = naive_generate(*args)
+            assert float((torch.stack(text_fed[:K]) - torch.stack(ref_fed[:K])).detach().abs().max()) > 1e-5
+    assert segments > 0
