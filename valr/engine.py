@@ -69,7 +69,8 @@ def cross_entropy(backbone: Backbone, hidden: torch.Tensor, labels: torch.Tensor
     return F.cross_entropy(logits, target[b_idx, t_idx]), n
 
 
-def _inputs(backbone: Backbone, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+def decoder_inputs(backbone: Backbone, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's input embeddings (slots still hold the slot token's) and its (3, B, L) positions."""
     device = backbone.model.device
     ids = batch.input_ids.to(device)
     embeds = backbone.embed(ids, batch.images)
@@ -103,7 +104,7 @@ def full_mask(backbone: Backbone, batch: Batch) -> torch.Tensor:
 
 def forward_plain(backbone: Backbone, batch: Batch, layer: int | None = None) -> EngineOutput:
     """One full-sequence pass: the stage-1 (plain CoT SFT) step, and the reference cost for benchmarks."""
-    embeds, positions = _inputs(backbone, batch)
+    embeds, positions = decoder_inputs(backbone, batch)
     out = backbone.decode(embeds, positions, full_mask(backbone, batch), None, layer)
     loss, n = cross_entropy(backbone, out.last_hidden, batch.labels.to(embeds.device))
     empty = embeds.new_zeros(0, batch.k, embeds.shape[-1])
@@ -258,7 +259,7 @@ def forward_latent(backbone: Backbone, batch: Batch, layer: int, mode: Mode = "e
     _check_layer(backbone, layer)
     if mode not in ("exact", "fast"):
         raise ValueError(f"unknown latent training mode {mode!r}; use 'exact' or 'fast'")
-    embeds, positions = _inputs(backbone, batch)
+    embeds, positions = decoder_inputs(backbone, batch)
     labels = batch.labels.to(embeds.device)
     batch_size, length, dim = embeds.shape
     if mode == "exact" and feeds_back(backbone):

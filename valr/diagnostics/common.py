@@ -254,7 +254,7 @@ def build_trace(subject: Subject, sample: Sample, result: GenerationResult) -> T
                         slots.append(q)
                         targets.append(target(line, answering))
     n = len(rows)
-    gen_pos = (pos[:, -1:] + torch.arange(1, n + 1, device=pos.device)).contiguous()
+    gen_pos = pos[:, -1:] + torch.arange(1, n + 1, device=pos.device)
     side = latent_grid(bb)
     if side and n:  # latent slots on the grid, as generation placed them
         col = torch.tensor([q >= 0 for q in slots], device=pos.device)
