@@ -65,6 +65,10 @@ def test_config_yaml_unknown_keys_with_lines_and_coercion(tmp_path):
         load_train_config(p, ["stage=2", "valr.k=8"])
     with pytest.raises(ConfigError, match="valr.latent_feed='unit' is not one of"):
         load_train_config(p, ["valr.latent_feed=unit"])
+    with pytest.raises(ConfigError, match="valr.latent_positions='rows' is not one of"):
+        load_train_config(p, ["valr.latent_positions=rows"])
+    with pytest.raises(ConfigError, match="perfect square"):  # grid positions need a grid, in stage 1 too
+        load_train_config(p, ["valr.k=8", "valr.latent_positions=grid"])
 
 
 def test_stage2_loss_decreases_on_tiny_overfit_set(smoke, tmp_path):

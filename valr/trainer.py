@@ -254,7 +254,7 @@ def validate(cfg: TrainConfig) -> None:
         bad("warmup_ratio must be in [0, 1)")
     if cfg.max_length is not None and cfg.max_length < 1:
         bad("max_length must be positive (or null)")
-    if cfg.stage == 2:
+    if cfg.stage == 2 or cfg.valr.latent_positions == "grid":  # grid positions need the grid's side
         from valr.align import latent_grid_side
 
         try:

@@ -190,9 +190,10 @@ def image_bottleneck(backbone: Backbone) -> bool:
 # Latent grid positions (not in the paper, where latent slots are text tokens with 1-D positions): slot j of a
 # segment whose first slot has the 1-D position p sits at (p, p + j // side, p + j % side) on Qwen2.5-VL's
 # (temporal, height, width) rotary axes, as the model places an image's merged patches; text after the segment
-# keeps its 1-D positions. The latents then carry the aligned grid in their positions too, so a lookup the model
-# learned on image tokens (by row and column) can address them. Off unless a backbone sets ``latent_grid_side``
-# (from ``valr.latent_positions = "grid"`` of the run or checkpoint).
+# keeps its 1-D positions. Meant to let the text address a cell of the aligned grid as it addresses an image's;
+# on the demo's model it did not, and it slowed the alignment: there the height and width axes get the lowest
+# rotary frequencies, so a segment's slots are nearly indistinguishable to attention (docs/results.md item 66).
+# Off unless a backbone sets ``latent_grid_side`` (from ``valr.latent_positions = "grid"`` of a run or checkpoint).
 LATENT_POSITIONS = ("text", "grid")
 
 

@@ -392,7 +392,7 @@ def latent_key(c: DemoConfig) -> dict[str, Any]:
         key["aligned_latents"] = c.aligned_latents
     if c.image_bottleneck:  # and without the bottleneck
         key["image_bottleneck"] = True
-    if c.latent_positions != "text":  # and with the paper's 1-D latent positions
+    if c.latent_positions != "text":  # and with the paper's 1-D latent positions (so older keys still match)
         key["latent_positions"] = c.latent_positions
     return key
 
