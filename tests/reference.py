@@ -120,3 +120,34 @@ def naive_generate(bb, tok, latent, prompt_ids: list[int], images, policy: str, 
             sees.append(False)
         pos = torch.cat([pos, torch.tensor(row_pos)[:, None]], 1)
         next_pos += 1
+
+
+def check_generation_against_naive(bb, tok, latent, image_dir, batched: bool, max_new_tokens: int, **naive):
+    """Cached generation (latent policy force, K = 4) of two prompts with different image counts, one batch or one
+    at a time, against :func:`naive_generate` with the options ``naive``: same tokens, same fed latents. Returns,
+    per prompt, the reference's positional arguments and its fed latents."""
+    from PIL import Image
+
+    from valr.generate import GenerationConfig, Generator, Prompt
+
+    gen = Generator(bb, tok)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, latent_policy="force", k=4, return_latents=True)
+    im = {n: Image.open(image_dir / f"{n}.png") for n in "abc"}
+    prompts = [Prompt("Which object is in the top row?", [im["a"]]),
+               Prompt("Compare the two views.", [im["b"], im["c"]])]
+    groups = [prompts] if batched else [[p] for p in prompts]
+    checked, segments = [], 0
+    for group in groups:
+        for p, r in zip(group, gen(group, cfg), strict=True):
+            images = bb.image_inputs(p.images) if p.images else None
+            args = (bb, tok, latent, r.prompt_token_ids, images, cfg.latent_policy, cfg.k, cfg.max_new_tokens,
+                    gen.step_end(cfg.step_delimiter), gen.eos, bb.latent_feed)
+            ref_tokens, ref_fed = naive_generate(*args, **naive)
+            assert r.token_ids == ref_tokens
+            got = torch.cat(r.latents) if r.latents else torch.zeros(0, bb.hidden_size)
+            ref = torch.stack(ref_fed) if ref_fed else torch.zeros(0, bb.hidden_size)
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+            segments += r.latent_segments
+            checked.append((args, ref_fed))
+    assert segments > 0
+    return checked

@@ -8,14 +8,12 @@ import dataclasses
 
 import pytest
 import torch
-from PIL import Image
 
 from valr.backbones.base import ImageInputs
 from valr.data import LayoutConfig, make_batch
 from valr.engine import forward_latent, forward_plain
-from valr.generate import GenerationConfig, Generator, Prompt
 
-from reference import naive_generate, naive_latent_forward
+from reference import check_generation_against_naive, naive_latent_forward
 
 LAYER = 2
 
@@ -89,22 +87,4 @@ def test_exact_mode_under_the_bottleneck_matches_naive_reference(tiny, records, 
 def test_cached_generation_under_the_bottleneck_matches_full_recompute(tiny, image_dir, batched):
     model, tok, _, bb, latent = tiny
     bb.image_bottleneck = True
-    gen = Generator(bb, tok)
-    cfg = GenerationConfig(max_new_tokens=14, latent_policy="force", k=4, return_latents=True)
-    im = {n: Image.open(image_dir / f"{n}.png") for n in "abc"}
-    prompts = [Prompt("Which object is in the top row?", [im["a"]]),
-               Prompt("Compare the two views.", [im["b"], im["c"]])]
-    groups = [prompts] if batched else [[p] for p in prompts]
-    segments = 0
-    for group in groups:
-        for p, r in zip(group, gen(group, cfg), strict=True):
-            images = bb.image_inputs(p.images) if p.images else None
-            ref_tokens, ref_fed = naive_generate(bb, tok, latent, r.prompt_token_ids, images, cfg.latent_policy,
-                                                 cfg.k, cfg.max_new_tokens, gen.step_end(cfg.step_delimiter),
-                                                 gen.eos, bb.latent_feed, bottleneck=True)
-            assert r.token_ids == ref_tokens
-            got = torch.cat(r.latents) if r.latents else torch.zeros(0, bb.hidden_size)
-            ref = torch.stack(ref_fed) if ref_fed else torch.zeros(0, bb.hidden_size)
-            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
-            segments += r.latent_segments
-    assert segments > 0
+    check_generation_against_naive(bb, tok, latent, image_dir, batched, 14, bottleneck=True)

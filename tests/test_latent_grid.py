@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
 
 from valr.backbones.base import grid_positions, set_layout
 from valr.config import ValrConfig
 from valr.data import LayoutConfig, make_batch
 from valr.engine import forward_latent
-from valr.generate import GenerationConfig, Generator, Prompt
 
-from reference import naive_generate, naive_latent_forward
+from reference import check_generation_against_naive, naive_generate, naive_latent_forward
 
 LAYER = 2
 K = 4  # a 2 x 2 grid
@@ -82,23 +80,7 @@ def test_grid_positions_leave_plain_batches_alone(tiny, records):
 def test_cached_generation_with_grid_positions_matches_full_recompute(tiny, image_dir, batched):
     model, tok, _, bb, latent = tiny
     set_layout(bb, ValrConfig(k=K, latent_positions="grid"))
-    gen = Generator(bb, tok)
-    cfg = GenerationConfig(max_new_tokens=20, latent_policy="force", k=K, return_latents=True)
-    im = {n: Image.open(image_dir / f"{n}.png") for n in "abc"}
-    prompts = [Prompt("Which object is in the top row?", [im["a"]]),
-               Prompt("Compare the two views.", [im["b"], im["c"]])]
-    groups = [prompts] if batched else [[p] for p in prompts]
-    segments = 0
-    for group in groups:
-        for p, r in zip(group, gen(group, cfg), strict=True):
-            images = bb.image_inputs(p.images) if p.images else None
-            args = (bb, tok, latent, r.prompt_token_ids, images, cfg.latent_policy, cfg.k, cfg.max_new_tokens,
-                    gen.step_end(cfg.step_delimiter), gen.eos, bb.latent_feed)
-            ref_tokens, ref_fed = naive_generate(*args, grid=2)
-            assert r.token_ids == ref_tokens
-            torch.testing.assert_close(torch.cat(r.latents), torch.stack(ref_fed), atol=1e-5, rtol=1e-4)
-            segments += r.latent_segments
-            # the reference with text positions feeds other latents (so the comparison sees the positions)
-            _, text_fed = naive_generate(*args)
-            assert float((torch.stack(text_fed[:K]) - torch.stack(ref_fed[:K])).detach().abs().max()) > 1e-5
-    assert segments > 0
+    for args, ref_fed in check_generation_against_naive(bb, tok, latent, image_dir, batched, 20, grid=2):
+        # the reference with text positions feeds other latents (so the comparison sees the positions)
+        _, text_fed = naive_generate(*args)
+        assert float((torch.stack(text_fed[:K]) - torch.stack(ref_fed[:K])).detach().abs().max()) > 1e-5
