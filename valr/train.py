@@ -46,8 +46,7 @@ class Objective:
             warnings.warn(f"latent_feed: the backbone fed {fed!r} (e.g. from its checkpoint); "
                           f"this objective's config says {config.latent_feed!r}, which is used from now on",
                           stacklevel=2)
-        backbone.latent_feed = config.latent_feed
-        set_layout(backbone, config)  # likewise the config's layout (bottleneck, latent positions)
+        set_layout(backbone, config)  # the config's latent options (feed, bottleneck, positions)
         self.backbone = backbone
         self.config = config
         if teachers is None:

@@ -502,8 +502,7 @@ class _Trainer:
         self.tok = loaded.tokenizer
         self.ip = loaded.image_processor
         self.backbone = loaded.backbone
-        self.backbone.latent_feed = cfg.valr.latent_feed  # this run's setting, whatever the source checkpoint had
-        set_layout(self.backbone, cfg.valr)  # likewise the bottleneck and latent positions
+        set_layout(self.backbone, cfg.valr)  # this run's latent options, whatever the source checkpoint had
         self.image_side = ImageSide.of(loaded.backbone)
         v = cfg.valr
         self.k = v.k if cfg.stage == 2 else 0

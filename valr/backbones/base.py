@@ -209,10 +209,11 @@ def grid_positions(text_pos: torch.Tensor, slot: torch.Tensor, side: int) -> tor
 
 
 def set_layout(backbone: Backbone, config) -> None:
-    """Give a backbone a run's or checkpoint's layout options (``valr.ValrConfig``): the image bottleneck and
-    the latent positions. Generation, diagnostics and training read them from the backbone."""
+    """Give a backbone a run's or checkpoint's latent options (``valr.ValrConfig``): what latents are fed, the
+    image bottleneck and the latent positions. Generation, diagnostics and training read them from the backbone."""
     from valr.align import latent_grid_side
 
+    backbone.latent_feed = check_latent_feed(config.latent_feed)
     if config.latent_positions not in LATENT_POSITIONS:
         raise ValueError(f"valr.latent_positions={config.latent_positions!r}: use one of {list(LATENT_POSITIONS)} "
                          "('text', the paper's 1-D positions, unless you mean to test grid positions)")
