@@ -10,6 +10,9 @@ fast and in exact mode: under the bottleneck only the latents connect the tower 
 detaches the slots' fed-back inputs.
 
     .venv/bin/python docs/dev/image_paths.py RECORDS CHECKPOINT [CHECKPOINT ...] [--limit 32] [--gradient]
+                                             [--bottleneck]
+
+--bottleneck measures checkpoints trained without the image bottleneck under it.
 """
 
 import argparse
@@ -24,9 +27,15 @@ from valr.engine import forward_latent
 from valr.tokens import LatentTokenIds
 
 
-def image_paths(ckpt: str, records: list, batch: int = 16) -> dict[str, float]:
+def _load(ckpt: str, bottleneck: bool):
     loaded = load_checkpoint(ckpt)
-    bb, tok, cfg = loaded.backbone, loaded.tokenizer, loaded.config
+    if bottleneck:  # a model trained without the bottleneck, measured under it
+        loaded.backbone.image_bottleneck = True
+    return loaded.backbone, loaded.tokenizer, loaded.config
+
+
+def image_paths(ckpt: str, records: list, bottleneck: bool = False, batch: int = 16) -> dict[str, float]:
+    bb, tok, cfg = _load(ckpt, bottleneck)
     lat = LatentTokenIds.from_tokenizer(tok)
     layout = LayoutConfig(k=cfg.k, latent_after=cfg.latent_after)
     sums = dict.fromkeys(("text_diff", "text", "latent_diff", "latent", "ce_own", "ce_swapped", "tokens"), 0.0)
@@ -49,9 +58,8 @@ def image_paths(ckpt: str, records: list, batch: int = 16) -> dict[str, float]:
             "ce_own": sums["ce_own"] / sums["tokens"], "ce_swapped": sums["ce_swapped"] / sums["tokens"]}
 
 
-def vision_gradient(ckpt: str, records: list) -> dict[str, float]:
-    loaded = load_checkpoint(ckpt)
-    bb, tok, cfg = loaded.backbone, loaded.tokenizer, loaded.config
+def vision_gradient(ckpt: str, records: list, bottleneck: bool = False) -> dict[str, float]:
+    bb, tok, cfg = _load(ckpt, bottleneck)
     lat = LatentTokenIds.from_tokenizer(tok)
     batch = make_batch(records, tok, bb, LayoutConfig(k=cfg.k, latent_after=cfg.latent_after), lat)
     vision = [p for n, p in bb.model.named_parameters() if "visual" in n]
@@ -73,10 +81,13 @@ def main() -> None:
     ap.add_argument("checkpoints", nargs="+")
     ap.add_argument("--limit", type=int, default=32)
     ap.add_argument("--gradient", action="store_true", help="the vision tower's gradient, fast against exact")
+    ap.add_argument("--bottleneck", action="store_true", help="measure under the image bottleneck whatever the "
+                    "checkpoint was trained with")
     args = ap.parse_args()
     records = load_records(args.records)[:args.limit]
     for ckpt in args.checkpoints:
-        r = vision_gradient(ckpt, records[:8]) if args.gradient else image_paths(ckpt, records)
+        r = (vision_gradient(ckpt, records[:8], args.bottleneck) if args.gradient
+             else image_paths(ckpt, records, args.bottleneck))
         print(ckpt, " ".join(f"{k} {v:.4f}" for k, v in r.items()), flush=True)
 
 
