@@ -42,9 +42,9 @@ def image_paths(ckpt: str, records: list, bottleneck: bool = False, batch: int =
     with torch.no_grad():
         for i in range(0, len(records), batch):
             own = records[i:i + batch]
-            outs = [forward_latent(bb, make_batch(rs, tok, bb, layout, lat), cfg.align_layer, "fast")
-                    for rs in (own, with_swapped_images(own))]
-            labelled = make_batch(own, tok, bb, layout, lat).labels != -100
+            batches = [make_batch(rs, tok, bb, layout, lat) for rs in (own, with_swapped_images(own))]
+            outs = [forward_latent(bb, b, cfg.align_layer, "fast") for b in batches]
+            labelled = batches[0].labels != -100
             text = [o.hidden[labelled] for o in outs]
             sums["text_diff"] += float((text[0] - text[1]).square().sum())
             sums["text"] += float(text[0].square().sum())
