@@ -28,16 +28,17 @@ from valr.tokens import LatentTokenIds
 
 
 def _load(ckpt: str, bottleneck: bool):
+    """The checkpoint's backbone, tokenizer, config, latent token ids and its own latent layout."""
     loaded = load_checkpoint(ckpt)
     if bottleneck:  # a model trained without the bottleneck, measured under it
         loaded.backbone.image_bottleneck = True
-    return loaded.backbone, loaded.tokenizer, loaded.config
+    cfg = loaded.config
+    return (loaded.backbone, loaded.tokenizer, cfg, LatentTokenIds.from_tokenizer(loaded.tokenizer),
+            LayoutConfig(k=cfg.k, latent_after=cfg.latent_after))
 
 
 def image_paths(ckpt: str, records: list, bottleneck: bool = False, batch: int = 16) -> dict[str, float]:
-    bb, tok, cfg = _load(ckpt, bottleneck)
-    lat = LatentTokenIds.from_tokenizer(tok)
-    layout = LayoutConfig(k=cfg.k, latent_after=cfg.latent_after)
+    bb, tok, cfg, lat, layout = _load(ckpt, bottleneck)
     sums = dict.fromkeys(("text_diff", "text", "latent_diff", "latent", "ce_own", "ce_swapped", "tokens"), 0.0)
     with torch.no_grad():
         for i in range(0, len(records), batch):
@@ -59,9 +60,8 @@ def image_paths(ckpt: str, records: list, bottleneck: bool = False, batch: int =
 
 
 def vision_gradient(ckpt: str, records: list, bottleneck: bool = False) -> dict[str, float]:
-    bb, tok, cfg = _load(ckpt, bottleneck)
-    lat = LatentTokenIds.from_tokenizer(tok)
-    batch = make_batch(records, tok, bb, LayoutConfig(k=cfg.k, latent_after=cfg.latent_after), lat)
+    bb, tok, cfg, lat, layout = _load(ckpt, bottleneck)
+    batch = make_batch(records, tok, bb, layout, lat)
     vision = [p for n, p in bb.model.named_parameters() if "visual" in n]
     out = {}
     for mode in ("fast", "exact"):

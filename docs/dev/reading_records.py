@@ -1,6 +1,6 @@
 """Development data of docs/results.md (twenty-second session, item 67): stage 0's reading and finding records of
 a `valr demo` run, as records for a latent stage 2. Keeps the records whose every step starts with `#N view V`
-(where the demo's latent segments go, `latent_after`), and writes image paths as absolute paths, so the files
+(the demo's `latent_after`, where its latent segments go), and writes image paths as absolute paths, so the files
 can be used from anywhere:
 
     .venv/bin/python docs/dev/reading_records.py RUN OUT
@@ -14,7 +14,9 @@ import re
 import sys
 from pathlib import Path
 
-HEAD = re.compile(r"#\d+ view \d+")
+from valr.demo.config import DemoConfig
+
+HEAD = re.compile(DemoConfig().latent_after)  # where the demo's latent segments go
 
 
 def keep(src: Path, dst: Path) -> tuple[int, int]:
