@@ -60,9 +60,9 @@ def main() -> None:
             return float(forward_latent(bb, make_batch(records, tok, bb, layout, lat), 2, "fast").loss_ce)
 
     val = [record(c, 0) for c in COLOURS] * 2
-    params = [p for n, p in model.named_parameters() if "visual" not in n]
     for n, p in model.named_parameters():
-        p.requires_grad_("visual" not in n)
+        p.requires_grad_("visual" not in n)  # the vision tower stays frozen
+    params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr)
     for step in range(args.steps + 1):
         if step % 50 == 0:
