@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, PreTrainedModel
 
 from valr.align import Aligner
-from valr.backbones import LATENT_FEEDS, Backbone, backbone_for, set_layout
+from valr.backbones import Backbone, backbone_for, set_layout
 from valr.config import ValrConfig
 from valr.tokens import QWEN_VL_CHAT_TEMPLATE, add_latent_tokens
 
@@ -96,12 +96,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     if (path / VALR_CONFIG).is_file():
         meta = json.loads((path / VALR_CONFIG).read_text())
         config = ValrConfig.from_dict(meta.get("valr", {}), str(path / VALR_CONFIG))
-    if config.latent_feed not in LATENT_FEEDS:
-        raise ValueError(f"{path / VALR_CONFIG}: latent_feed {config.latent_feed!r} is not one of "
-                         f"{list(LATENT_FEEDS)}; fix the file (the paper's feedback is 'hidden')")
-    backbone = backbone_for(model, image_processor=image_processor, latent_feed=config.latent_feed)
+    backbone = backbone_for(model, image_processor=image_processor)
     try:
-        set_layout(backbone, config)
+        set_layout(backbone, config)  # validates the file's latent options (feed, positions)
     except ValueError as e:
         raise ValueError(f"{path / VALR_CONFIG}: {e}; fix the file") from None
     if meta:
