@@ -20,7 +20,7 @@ prints the norms of the CE's and the alignment loss's gradients on the language 
 
     .venv/bin/python docs/dev/bottleneck_toy.py [--task colour|cell] [--cells 2] [--mode fast|exact]
         [--no-bottleneck] [--k 4] [--feed hidden|embedding_rms|pause] [--lambda-align 0] [--align-layer 4]
-        [--lr 1e-3] [--steps 300] [--seed 0]
+        [--lr 1e-3] [--steps 300] [--seed 0] [--train-vision]
 """
 
 import argparse
@@ -136,6 +136,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0, help="seeds the model, the images and the batches")
+    ap.add_argument("--train-vision", action="store_true", help="train the vision tower too (the `self` "
+                    "teacher then encodes with the tower as it is at each step)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     rng = random.Random(args.seed)
@@ -171,7 +173,7 @@ def main() -> None:
         print(line, flush=True)
 
     for n, p in model.named_parameters():
-        p.requires_grad_("visual" not in n)  # the vision tower stays frozen
+        p.requires_grad_(args.train_vision or "visual" not in n)  # the vision tower stays frozen unless asked
     params = [p for p in objective.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr)
     torch.manual_seed(args.seed)
