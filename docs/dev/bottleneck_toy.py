@@ -12,11 +12,12 @@ Two tasks, both under the image bottleneck unless ``--no-bottleneck``:
   random) vision tower's features of the image (teacher kind ``self``, centred targets, as in the demo).
 
 A tiny random Qwen2.5-VL (`valr.tiny`) trains its language model and projector (the vision tower frozen, as in
-the demo) on random batches of 8 with AdamW, gradient clipped to 1. Every 50 steps it prints, on the validation
-records, the CE with their own images and with each record's images swapped for the next one's (the text has
-learned to read the image where the two part), the alignment loss, and for ``cell`` the colour accuracy: the
-share of records whose own colour gives the step its lowest CE among the four (chance 25%). Before training it
-prints the norms of the CE's and the alignment loss's gradients on the language model (validation records).
+the demo, unless ``--train-vision``) on random batches of 8 with AdamW, gradient clipped to 1. Every 50 steps it
+prints, on the validation records, the CE with their own images and with each record's images swapped for the
+next one's (the text has learned to read the image where the two part), the alignment loss, and for ``cell`` the
+colour accuracy: the share of records whose own colour gives the step its lowest CE among the four (chance 25%).
+Before training it prints the norms of the CE's and the alignment loss's gradients on the language model
+(validation records).
 
     .venv/bin/python docs/dev/bottleneck_toy.py [--task colour|cell] [--cells 2] [--mode fast|exact]
         [--no-bottleneck] [--k 4] [--feed hidden|embedding_rms|pause] [--lambda-align 0] [--align-layer 4]
@@ -38,6 +39,7 @@ from valr.config import ValrConfig
 from valr.data import LayoutConfig, make_batch, parse_record
 from valr.data.collate import IGNORE
 from valr.demo.probes import with_swapped_images
+from valr.engine import forward_latent
 from valr.teachers import TeacherSpec
 from valr.tiny import build_tiny
 from valr.tokens import LatentTokenIds
@@ -113,10 +115,10 @@ class CellTask:
         return list(COLOURS).index(self.grids[image][r][c])
 
 
-def per_record_ce(objective: Objective, batch) -> torch.Tensor:
-    """Summed next-token CE of each record's labelled tokens (fast mode, no grad)."""
-    out = objective.stage2(batch, mode="fast")
-    logits = objective.backbone.logits(out.output.hidden[:, :-1])
+def per_record_ce(backbone, batch) -> torch.Tensor:
+    """Summed next-token CE of each record's labelled tokens (fast mode; call under no_grad)."""
+    out = forward_latent(backbone, batch, 1, "fast")
+    logits = backbone.logits(out.hidden[:, :-1])
     target = batch.labels[:, 1:]
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")
     return (ce * (target != IGNORE)).sum(1)
@@ -166,7 +168,7 @@ def main() -> None:
             if args.lambda_align > 0:
                 line += f", align {float(own.align):.4f}"
             if isinstance(task, CellTask):
-                ces = torch.stack([per_record_ce(objective, batch_of([task.with_colour(r, c) for r in val]))
+                ces = torch.stack([per_record_ce(bb, batch_of([task.with_colour(r, c) for r in val]))
                                    for c in COLOURS])
                 truth = torch.tensor([task.colour_index(r) for r in val])
                 line += f", colour accuracy {float((ces.argmin(0) == truth).float().mean()):.3f}"
