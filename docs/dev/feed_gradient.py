@@ -1,8 +1,8 @@
 """Development analysis of docs/results.md (item 68): how the latent feed scales the gradients that reach the
 language model. A slot's state is the normalised sum of its fed input and what its own layers add; with the
 paper's feed the input is a final post-norm state (RMS about 1 times the norm's weight), far larger than the
-input embeddings, so the slot's own computation is a small change to a vector that fast mode detaches, and the
-final norm divides its gradient by that scale.
+input embeddings, so the slot's own computation may be a small change to a vector that fast mode detaches,
+with a gradient divided by that scale in the norms that follow: this script measures how much.
 
 For one checkpoint, a training config (its `valr` section names the teachers and the layout) and the first
 ``--limit`` records, it prints per feed and mode:
