@@ -34,7 +34,7 @@ import torch
 from feed_gradient import grad_norm  # docs/dev, beside this script
 from PIL import Image
 
-from valr.backbones import backbone_for
+from valr.backbones import LATENT_FEEDS, backbone_for
 from valr.config import ValrConfig
 from valr.data import LayoutConfig, make_batch, parse_record
 from valr.data.collate import IGNORE
@@ -132,7 +132,7 @@ def main() -> None:
     ap.add_argument("--mode", choices=("fast", "exact"), default="fast")
     ap.add_argument("--no-bottleneck", action="store_true")
     ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--feed", choices=("hidden", "embedding_rms", "pause"), default="hidden")
+    ap.add_argument("--feed", choices=LATENT_FEEDS, default="hidden")
     ap.add_argument("--lambda-align", type=float, default=0.0)
     ap.add_argument("--align-layer", type=int, default=4, help="aligned decoder layer (1-based; the tiny model has 4)")
     ap.add_argument("--lr", type=float, default=1e-3)

@@ -33,8 +33,8 @@ def grad_norm(loss: torch.Tensor, params: list[torch.Tensor]) -> float:
     return float(sum(g.square().sum() for g in grads if g is not None)) ** 0.5
 
 
-def measure(ckpt: str, config, records: list, feed: str, mode: str) -> dict[str, float]:
-    loaded = load_checkpoint(ckpt)
+def measure(loaded, config, records: list, feed: str, mode: str) -> dict[str, float]:
+    """One feed and mode on a loaded checkpoint (its weights are only read: the gradients are not stored)."""
     bb, tok = loaded.backbone, loaded.tokenizer
     cfg = dataclasses.replace(config, latent_feed=feed, train_mode=mode)
     torch.manual_seed(0)  # the same fresh projector for every feed and mode
@@ -63,9 +63,10 @@ def main() -> None:
     args = ap.parse_args()
     config = load_train_config(args.train_config).valr
     records = load_records(args.records)[:args.limit]
+    loaded = load_checkpoint(args.checkpoint)
     for feed in args.feeds.split(","):
         for mode in args.modes.split(","):
-            row = measure(args.checkpoint, config, records, feed, mode)
+            row = measure(loaded, config, records, feed, mode)
             print(json.dumps({"checkpoint": args.checkpoint, "feed": feed, "mode": mode,
                               **{k: round(v, 5) for k, v in row.items()}}), flush=True)
 
