@@ -35,6 +35,9 @@ class TinyShape:
     vision_hidden: int = 32
     vision_heads: int = 2
     max_positions: int = 4096
+    # Qwen2.5-VL's rotary base. With 10,000 and a small head_dim the height and width axes (the lowest
+    # frequencies) turn by at most 0.1 and 0.003 rad per cell, so attention can hardly tell cells apart by position.
+    rope_theta: float = 10000.0
 
     def mrope_section(self) -> list[int]:
         half = self.hidden // self.heads // 2
@@ -66,7 +69,7 @@ def tiny_config(tokenizer: PreTrainedTokenizerBase, shape: TinyShape = SHAPES["t
             vocab_size=vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
             num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
             num_key_value_heads=shape.kv_heads, max_position_embeddings=shape.max_positions,
-            rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=shape.mrope_section()),
+            rope_parameters=dict(rope_type="default", rope_theta=shape.rope_theta, mrope_section=shape.mrope_section()),
             bos_token_id=ids("<|im_start|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
             tie_word_embeddings=False,
         ),

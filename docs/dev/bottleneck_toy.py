@@ -21,12 +21,14 @@ Before training it prints the norms of the CE's and the alignment loss's gradien
 
     .venv/bin/python docs/dev/bottleneck_toy.py [--task colour|cell] [--cells 2] [--mode fast|exact]
         [--no-bottleneck] [--k 4] [--feed hidden|embedding_rms|pause] [--lambda-align 0] [--align-layer 4]
-        [--lr 1e-3] [--steps 300] [--seed 0] [--train-vision]
+        [--lr 1e-3] [--steps 300] [--seed 0] [--train-vision] [--latent-positions text|grid]
+        [--rope-theta 10000]
 """
 
 import argparse
 import random
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,14 +36,14 @@ import torch
 from feed_gradient import grad_norm  # docs/dev, beside this script
 from PIL import Image
 
-from valr.backbones import LATENT_FEEDS, backbone_for
+from valr.backbones import LATENT_FEEDS, LATENT_POSITIONS, backbone_for
 from valr.config import ValrConfig
 from valr.data import LayoutConfig, make_batch, parse_record
 from valr.data.collate import IGNORE
 from valr.demo.probes import with_swapped_images
 from valr.engine import forward_latent
 from valr.teachers import TeacherSpec
-from valr.tiny import build_tiny
+from valr.tiny import SHAPES, build_tiny
 from valr.tokens import LatentTokenIds
 from valr.train import Objective
 
@@ -140,16 +142,21 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="seeds the model, the images and the batches")
     ap.add_argument("--train-vision", action="store_true", help="train the vision tower too (the `self` "
                     "teacher then encodes with the tower as it is at each step)")
+    ap.add_argument("--latent-positions", choices=LATENT_POSITIONS, default="text",
+                    help="grid: a segment's slots on the rotary axes like an image's merged patches (item 66)")
+    ap.add_argument("--rope-theta", type=float, default=10000.0, help="the tiny model's rotary base (a smaller "
+                    "one lets attention tell an image's cells, or grid-placed slots, apart by position)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     rng = random.Random(args.seed)
     root = Path(tempfile.mkdtemp())
     task = ColourTask(root, rng) if args.task == "colour" else CellTask(root, rng, args.cells)
-    model, tok, ip = build_tiny(seed=args.seed)
+    model, tok, ip = build_tiny(shape=replace(SHAPES["tiny"], rope_theta=args.rope_theta), seed=args.seed)
     bb = backbone_for(model, image_processor=ip, latent_feed=args.feed)
     config = ValrConfig(k=args.k, align_layer=args.align_layer, lambda_align=args.lambda_align,
                         projector_width=256, train_mode=args.mode, center_targets=True,
                         latent_feed=args.feed, image_bottleneck=not args.no_bottleneck,
+                        latent_positions=args.latent_positions,
                         teachers=[TeacherSpec(name="self", kind="self")] if args.lambda_align > 0 else [])
     objective = Objective(bb, config)
     lat = LatentTokenIds.from_tokenizer(tok)
