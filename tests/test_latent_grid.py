@@ -84,3 +84,23 @@ def test_cached_generation_with_grid_positions_matches_full_recompute(tiny, imag
         # the reference with text positions feeds other latents (so the comparison sees the positions)
         _, text_fed = naive_generate(*args)
         assert float((torch.stack(text_fed[:K]) - torch.stack(ref_fed[:K])).detach().abs().max()) > 1e-5
+
+
+def test_tiny_rope_theta_sets_the_axes_frequencies():
+    """TinyShape.rope_theta reaches the model, and the width axis gets the lowest frequencies (Qwen2.5-VL's
+    contiguous 3-D rope split): at 10,000 a cell turns the width part by at most 0.003 rad, at 10 by 0.24."""
+    from dataclasses import replace
+
+    from valr.tiny import SHAPES, build_tiny
+
+    for theta, width_top in [(10000.0, 10000.0 ** -0.625), (10.0, 10.0 ** -0.625)]:
+        model = build_tiny(shape=replace(SHAPES["tiny"], rope_theta=theta))[0]
+        rotary = model.model.language_model.rotary_emb
+        x = torch.zeros(1, 1, 16)
+        # two cells of an image row: temporal and height 0, width 0 and 1
+        cos, _ = rotary(x, torch.tensor([[[0, 0]], [[0, 0]], [[0, 1]]]))
+        moved = (cos[0, 1] - cos[0, 0]).abs() > 0
+        t, h, w = SHAPES["tiny"].mrope_section()
+        assert moved.nonzero().flatten().tolist() == [*range(t + h, t + h + w), *range(8 + t + h, 16)]
+        angles = torch.acos(cos[0, 1, t + h:t + h + w].double().clamp(-1, 1))
+        assert float(angles.max()) == pytest.approx(width_top, rel=1e-3)
