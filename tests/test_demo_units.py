@@ -328,12 +328,18 @@ def test_demo_overrides_change_the_recipe_and_reject_bad_keys():
     assert base.with_overrides(["step_targets=focus"]).step_targets == "focus"
     assert base.with_overrides(["latent_feed=embedding_rms"]).latent_feed == "embedding_rms"
     assert base.with_overrides(["latent_positions=grid"]).latent_positions == "grid"
+    from valr.demo.pipeline import model_key
+
+    theta = base.with_overrides(["rope_theta=10"])
+    assert theta.rope_theta == 10.0 and "rope_theta" not in model_key(base)  # older stage-0 keys still match
+    assert model_key(theta) == {**model_key(base), "rope_theta": 10.0}
     assert (base.with_overrides(["k=20", "aligned_latents=16"]).aligned_latents, base.with_overrides(["k=0"]).k) \
         == (16, 0)  # k = 0 (plain CoT, docs/dev's SFT runs) needs no grid
     for bad, words in [("stage0_stepz=3", "unknown key"), ("stage0_steps=abc", "expected int"),
                        ("valr_m=1", "expected bool"), ("teacher.stepz=1", "unknown key"), ("seed=3", "--seed"),
                        ("stage0_steps", "key=value"), ("step_targets=crop", "one of"),
                        ("latent_feed=unit", "one of"), ("latent_positions=rows", "latent_positions.*one of"),
+                       ("rope_theta=1", "rope_theta=1.*above 1"),
                        ("aligned_latents=5", "square grid"),
                        ("k=20", "e.g. 16 of K=20")]:
         with pytest.raises(ConfigError, match=words):

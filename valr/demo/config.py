@@ -48,6 +48,11 @@ class DemoConfig:
     vision_depth: int = 2
     vision_hidden: int = 128
     vision_heads: int = 4
+    # the language model's rotary base. At 10,000 (Qwen2's) the height and width axes, which get the lowest
+    # frequencies, turn by at most 0.1 and 0.003 rad per cell, so attention cannot tell an image's cells, or
+    # grid-placed latent slots, apart by position; on a toy a base of 10 let grid-placed aligned latents be read
+    # (docs/results.md item 69). Changes the model from stage 0 on
+    rope_theta: float = 10000.0
     # perception teacher
     teacher: TeacherTrainConfig = field(default_factory=lambda: TeacherTrainConfig(steps=120, batch_size=32))
     # vision-tower pretraining (dense per-token labels) and stage 0 (reading cells by address)
@@ -223,6 +228,9 @@ class DemoConfig:
 
         if data["latent_feed"] not in LATENT_FEEDS:
             raise ConfigError(f"demo override latent_feed={data['latent_feed']!r}: expected one of {LATENT_FEEDS}")
+        if not data["rope_theta"] > 1:
+            raise ConfigError(f"demo override rope_theta={data['rope_theta']}: expected a number above 1 (10000 is "
+                              "Qwen2's, smaller turns the rotary faster)")
         if data["latent_positions"] not in LATENT_POSITIONS:
             raise ConfigError(f"demo override latent_positions={data['latent_positions']!r}: expected one of "
                               f"{LATENT_POSITIONS}")

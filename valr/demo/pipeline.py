@@ -148,7 +148,7 @@ def build_base(cfg: DemoConfig, world_dir: Path, out: Path) -> Path:
     add_latent_tokens(tok)
     shape = TinyShape(hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, kv_heads=cfg.kv_heads,
                       intermediate=cfg.intermediate, vision_depth=cfg.vision_depth, vision_hidden=cfg.vision_hidden,
-                      vision_heads=cfg.vision_heads, max_positions=2048)
+                      vision_heads=cfg.vision_heads, max_positions=2048, rope_theta=cfg.rope_theta)
     torch.manual_seed(cfg.seed)
     model = Qwen2_5_VLForConditionalGeneration(tiny_config(tok, shape))
     vcfg = ValrConfig(k=cfg.k, align_layer=cfg.align_layer, lambda_align=cfg.lambda_align,
@@ -347,14 +347,21 @@ def teacher_stage(run: DemoRun) -> tuple[dict[str, Any], Any]:
     return teacher, teacher_spec(run.out / "teacher", image_size=112)
 
 
+def model_key(c: DemoConfig) -> dict[str, Any]:
+    """The MLLM's shape and training batch in the cache key of stage 0's first stage (and so of all after it)."""
+    key = {k: getattr(c, k) for k in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vision_depth",
+                                      "vision_hidden", "vision_heads", "batch_size", "warmup_ratio")}
+    if c.rope_theta != 10000.0:  # absent at Qwen2's base, as before the option existed
+        key["rope_theta"] = c.rope_theta
+    return key
+
+
 def perception_stages(run: DemoRun) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """3. Stage 0, perception pretraining of the MLLM: the vision tower on dense labels, then reading cells by
     address, finding them by content, and extensions while held-out reading is under target. Sets
     ``run.stage0_final`` (the stage that stage 1 starts from); returns the vision stage's result and the
     reading checks."""
     c, st, training, wdir, progress = run.c, run.st, run.training, run.wdir, run.progress
-    model_key = {k: getattr(c, k) for k in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vision_depth",
-                                            "vision_hidden", "vision_heads", "batch_size", "warmup_ratio")}
 
     def do_vision(d: Path):
         base = build_base(c, wdir, d / "base")
@@ -363,7 +370,7 @@ def perception_stages(run: DemoRun) -> tuple[dict[str, Any], list[dict[str, Any]
         shutil.rmtree(base)
         return res
 
-    vision_key = {"world": st.fps["world"], "model": model_key, "steps": c.vision_steps, "lr": c.vision_lr,
+    vision_key = {"world": st.fps["world"], "model": model_key(c), "steps": c.vision_steps, "lr": c.vision_lr,
                   "batch": c.stage0_batch_size}
     if not c.vision_position_heads:  # absent when on, as before the option existed
         vision_key["heads"] = "objects"

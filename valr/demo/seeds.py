@@ -194,7 +194,7 @@ ABSENT_MEANS: dict[str, Any] = {"fixed_options": False, "latent_feed": "hidden",
                                 "center_targets": False, "latent_after": None, "find_oneview_steps": 0,
                                 "find_steps": 0, "vision_position_heads": False, "stage0_max_extensions": 0,
                                 "tally_counts": False, "align_first_steps": 0,
-                                "latent_positions": "text"}
+                                "latent_positions": "text", "rope_theta": 10000.0}
 
 
 def merge_runs(paths: list[str | Path]) -> dict[str, dict[str, Any]]:
