@@ -50,7 +50,7 @@ class DemoConfig:
     vision_heads: int = 4
     # the language model's rotary base. At 10,000 (Qwen2's) the height and width axes, which get the lowest
     # frequencies, turn by at most 0.1 and 0.003 rad per cell, so attention cannot tell an image's cells, or
-    # grid-placed latent slots, apart by position; on a toy a base of 10 let grid-placed aligned latents be read
+    # grid-placed latent slots, apart by position; on a toy a base of 10 let grid-placed aligned pause latents be read
     # (docs/results.md item 69). Changes the model from stage 0 on
     rope_theta: float = 10000.0
     # perception teacher
