@@ -93,14 +93,15 @@ def test_tiny_rope_theta_sets_the_axes_frequencies():
 
     from valr.tiny import SHAPES, build_tiny
 
+    t, h, w = SHAPES["tiny"].mrope_section()
+    half = t + h + w  # head_dim / 2 = 8: the width section is the last 3 of each half
     for theta, width_top in [(10000.0, 10000.0 ** -0.625), (10.0, 10.0 ** -0.625)]:
         model = build_tiny(shape=replace(SHAPES["tiny"], rope_theta=theta))[0]
         rotary = model.model.language_model.rotary_emb
-        x = torch.zeros(1, 1, 16)
+        x = torch.zeros(1, 1, 2 * half)
         # two cells of an image row: temporal and height 0, width 0 and 1
         cos, _ = rotary(x, torch.tensor([[[0, 0]], [[0, 0]], [[0, 1]]]))
         moved = (cos[0, 1] - cos[0, 0]).abs() > 0
-        t, h, w = SHAPES["tiny"].mrope_section()
-        assert moved.nonzero().flatten().tolist() == [*range(t + h, t + h + w), *range(8 + t + h, 16)]
+        assert moved.nonzero().flatten().tolist() == [*range(t + h, half), *range(half + t + h, 2 * half)]
         angles = torch.acos(cos[0, 1, t + h:t + h + w].double().clamp(-1, 1))
         assert float(angles.max()) == pytest.approx(width_top, rel=1e-3)
