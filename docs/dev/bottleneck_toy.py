@@ -22,7 +22,7 @@ Before training it prints the norms of the CE's and the alignment loss's gradien
     .venv/bin/python docs/dev/bottleneck_toy.py [--task colour|cell] [--cells 2] [--mode fast|exact]
         [--no-bottleneck] [--k 4] [--feed hidden|embedding_rms|pause] [--lambda-align 0] [--align-layer 4]
         [--lr 1e-3] [--steps 300] [--seed 0] [--train-vision] [--latent-positions text|grid]
-        [--rope-theta 10000]
+        [--rope-theta 10000] [--lookup-heads EVERY]
 """
 
 import argparse
@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from feed_gradient import grad_norm  # docs/dev, beside this script
 from PIL import Image
+from slot_lookup import attentions_with_latents  # docs/dev
 
 from valr.backbones import LATENT_FEEDS, LATENT_POSITIONS, backbone_for
 from valr.config import ValrConfig
@@ -126,6 +127,20 @@ def per_record_ce(backbone, batch) -> torch.Tensor:
     return (ce * (target != IGNORE)).sum(1)
 
 
+def lookup_by_head(bb, batch, records, task: "CellTask", tok, layer: int) -> torch.Tensor:
+    """(layers, heads): of the attention that the step's token before the colour (\"is\") puts on its latent
+    segment, the mean share on the named cell's slot (slots row-major, one per cell; chance 1 / K)."""
+    att = attentions_with_latents(bb, batch, layer, latent=True)
+    shares = []
+    for b, rec in enumerate(records):
+        q = next(p for p in batch.step_positions[b][0] if tok.decode([int(batch.input_ids[b, p])]).strip() == "is")
+        _, r, c = task.asked[rec.id]
+        start = batch.segment_starts[b][0]
+        on_slots = att[:, b, :, q, start:start + batch.k]  # (layers, heads, K)
+        shares.append(on_slots[..., r * task.side + c] / on_slots.sum(-1))
+    return torch.stack(shares).mean(0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", choices=("colour", "cell"), default="colour")
@@ -146,7 +161,11 @@ def main() -> None:
                     help="grid: a segment's slots on the rotary axes like an image's merged patches (item 66)")
     ap.add_argument("--rope-theta", type=float, default=10000.0, help="the tiny model's rotary base (a smaller "
                     "one lets attention tell an image's cells, or grid-placed slots, apart by position)")
+    ap.add_argument("--lookup-heads", type=int, default=0, metavar="EVERY", help="cell task: every EVERY steps "
+                    "print, per layer and head, the share of the step's slot attention on the named cell's slot")
     args = ap.parse_args()
+    if args.lookup_heads and (args.task != "cell" or args.k != args.cells ** 2):
+        ap.error("--lookup-heads needs --task cell and --k equal to --cells squared (one slot per cell)")
     torch.set_num_threads(1)
     rng = random.Random(args.seed)
     root = Path(tempfile.mkdtemp())
@@ -179,6 +198,10 @@ def main() -> None:
                                    for c in COLOURS])
                 truth = torch.tensor([task.colour_index(r) for r in val])
                 line += f", colour accuracy {float((ces.argmin(0) == truth).float().mean()):.3f}"
+            if args.lookup_heads and step % args.lookup_heads == 0:
+                shares = lookup_by_head(bb, batch_of(val), val, task, tok, args.align_layer)
+                line += "\n  named-slot share by layer (heads): " + "; ".join(
+                    f"{i + 1}: " + " ".join(f"{float(v):.3f}" for v in row) for i, row in enumerate(shares))
         print(line, flush=True)
 
     for n, p in model.named_parameters():

@@ -29,6 +29,25 @@ from valr.tokens import LatentTokenIds
 ADDRESSED = re.compile(r"^#\d+ view (\d+) row (\d+) col (\d+): ")  # the cell is given, the object is read
 
 
+def attentions_with_latents(bb, batch, layer: int, latent: bool) -> torch.Tensor:
+    """Eager attention weights, (layers, B, heads, L, L), of one teacher-forced pass over ``batch`` in which each
+    latent slot holds what fast-mode training feeds it (under the image bottleneck, its mask)."""
+    with torch.no_grad():
+        embeds, positions = decoder_inputs(bb, batch)
+        if latent:
+            out = forward_latent(bb, batch, layer, "fast")
+            for seg, (b, s) in enumerate(out.segment_owner):
+                start = batch.segment_starts[b][s]
+                embeds[b, start:start + batch.k] = out.latent_inputs[seg]
+        mask = full_mask(bb, batch)
+        if mask.dim() == 4:
+            mask = additive_mask(mask, embeds.dtype)
+        with eager_attention(bb.model):
+            att = bb.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                        output_attentions=True, use_cache=False).attentions
+    return torch.stack(att)
+
+
 def lookups(ckpt: Path, records: Path, limit: int, latent: bool) -> dict:
     loaded = load_checkpoint(ckpt)
     bb, tok, cfg = loaded.backbone, loaded.tokenizer, loaded.config
@@ -38,20 +57,7 @@ def lookups(ckpt: Path, records: Path, limit: int, latent: bool) -> dict:
     share, top, mass, n = None, None, None, 0
     for rec in load_records(records)[:limit]:
         batch = make_batch([rec], tok, bb, layout, lat)
-        with torch.no_grad():
-            embeds, positions = decoder_inputs(bb, batch)
-            if latent:
-                out = forward_latent(bb, batch, cfg.align_layer, "fast")
-                for seg, (_, s) in enumerate(out.segment_owner):
-                    start = batch.segment_starts[0][s]
-                    embeds[0, start:start + batch.k] = out.latent_inputs[seg]
-            mask = full_mask(bb, batch)
-            if mask.dim() == 4:
-                mask = additive_mask(mask, embeds.dtype)
-            with eager_attention(bb.model):
-                att = bb.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                            output_attentions=True, use_cache=False).attentions
-        att = torch.stack([a[0].mean(0) for a in att])  # (layers, L, L)
+        att = attentions_with_latents(bb, batch, cfg.align_layer, latent)[:, 0].mean(1)  # (layers, L, L)
         images = (batch.input_ids[0] == bb.image_token_id).nonzero().flatten().tolist()
         for i, step in enumerate(rec.steps):
             m = ADDRESSED.match(step.text)
