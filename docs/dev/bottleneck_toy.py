@@ -127,17 +127,24 @@ def per_record_ce(backbone, batch) -> torch.Tensor:
     return (ce * (target != IGNORE)).sum(1)
 
 
+RELATIONS = ("named", "row", "col", "other")  # a slot's cell against the named one: itself, same row, same col
+
+
 def lookup_by_head(bb, batch, records, task: "CellTask", tok, layer: int) -> torch.Tensor:
-    """(layers, heads): of the attention that the step's token before the colour (\"is\") puts on its latent
-    segment, the mean share on the named cell's slot (slots row-major, one per cell; chance 1 / K)."""
+    """(layers, heads, 4): of the attention that the step's token before the colour ("is") puts on its latent
+    segment (slots row-major, one per cell), the mean share on the named cell's slot, on the other slots of its
+    row, of its column, and on the rest (chance for the named slot 1 / K)."""
     att = attentions_with_latents(bb, batch, layer, latent=True)
-    shares = []
+    side, shares = task.side, []
     for b, rec in enumerate(records):
         q = next(p for p in batch.step_positions[b][0] if tok.decode([int(batch.input_ids[b, p])]).strip() == "is")
         _, r, c = task.asked[rec.id]
         start = batch.segment_starts[b][0]
         on_slots = att[:, b, :, q, start:start + batch.k]  # (layers, heads, K)
-        shares.append(on_slots[..., r * task.side + c] / on_slots.sum(-1))
+        on_slots = on_slots / on_slots.sum(-1, keepdim=True)
+        relation = torch.tensor([0 if (i // side, i % side) == (r, c) else 1 if i // side == r else
+                                 2 if i % side == c else 3 for i in range(batch.k)])
+        shares.append(torch.stack([on_slots[..., relation == j].sum(-1) for j in range(len(RELATIONS))], -1))
     return torch.stack(shares).mean(0)
 
 
@@ -162,7 +169,8 @@ def main() -> None:
     ap.add_argument("--rope-theta", type=float, default=10000.0, help="the tiny model's rotary base (a smaller "
                     "one lets attention tell an image's cells, or grid-placed slots, apart by position)")
     ap.add_argument("--lookup-heads", type=int, default=0, metavar="EVERY", help="cell task: every EVERY steps "
-                    "print, per layer and head, the share of the step's slot attention on the named cell's slot")
+                    "print, per layer and head, the share of the step's slot attention on the named cell's slot, "
+                    "on the other slots of its row and column, and on the rest")
     args = ap.parse_args()
     if args.lookup_heads and (args.task != "cell" or args.k != args.cells ** 2):
         ap.error("--lookup-heads needs --task cell and --k equal to --cells squared (one slot per cell)")
@@ -200,8 +208,9 @@ def main() -> None:
                 line += f", colour accuracy {float((ces.argmin(0) == truth).float().mean()):.3f}"
             if args.lookup_heads and step % args.lookup_heads == 0:
                 shares = lookup_by_head(bb, batch_of(val), val, task, tok, args.align_layer)
-                line += "\n  named-slot share by layer (heads): " + "; ".join(
-                    f"{i + 1}: " + " ".join(f"{float(v):.3f}" for v in row) for i, row in enumerate(shares))
+                line += "".join(f"\n  layer {i + 1} slot-attention share {'/'.join(RELATIONS)} by head: "
+                                + "  ".join("/".join(f"{float(v):.2f}" for v in head) for head in heads)
+                                for i, heads in enumerate(shares))
         print(line, flush=True)
 
     for n, p in model.named_parameters():
