@@ -22,7 +22,7 @@ Before training it prints the norms of the CE's and the alignment loss's gradien
     .venv/bin/python docs/dev/bottleneck_toy.py [--task colour|cell] [--cells 2] [--mode fast|exact]
         [--no-bottleneck] [--k 4] [--feed hidden|embedding_rms|pause] [--lambda-align 0] [--align-layer 4]
         [--lr 1e-3] [--steps 300] [--seed 0] [--train-vision] [--latent-positions text|grid]
-        [--rope-theta 10000] [--lookup-heads EVERY]
+        [--rope-theta 10000] [--marks] [--lookup-heads EVERY]
 """
 
 import argparse
@@ -50,6 +50,7 @@ from valr.train import Objective
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (220, 220, 30)}
 CELL_PX = 28  # one merged visual token (patch 14, merge 2)
+MARK_PX = 14  # one patch of a cell
 
 
 class ColourTask:
@@ -75,7 +76,8 @@ class ColourTask:
 class CellTask:
     """A grid of coloured cells per image, a pool of ``images`` grids; each record asks for one cell."""
 
-    def __init__(self, root: Path, rng: random.Random, side: int, images: int = 256, val_images: int = 16):
+    def __init__(self, root: Path, rng: random.Random, side: int, images: int = 256, val_images: int = 16,
+                 marks: bool = False):
         self.root, self.rng, self.side = root, rng, side
         self.grids = []
         for i in range(images + val_images):
@@ -84,6 +86,9 @@ class CellTask:
             for r in range(side):
                 for c in range(side):
                     pixels[r * CELL_PX:(r + 1) * CELL_PX, c * CELL_PX:(c + 1) * CELL_PX] = COLOURS[grid[r][c]]
+                    if marks:  # a black quarter at the cell's own (row, col) corner, mod 2: content that says where
+                        y, x = r * CELL_PX + (r % 2) * MARK_PX, c * CELL_PX + (c % 2) * MARK_PX
+                        pixels[y:y + MARK_PX, x:x + MARK_PX] = 0
             Image.fromarray(pixels).save(root / f"grid{i}.png")
             self.grids.append(grid)
         self.train_ids = range(images)
@@ -168,6 +173,9 @@ def main() -> None:
                     help="grid: a segment's slots on the rotary axes like an image's merged patches (item 66)")
     ap.add_argument("--rope-theta", type=float, default=10000.0, help="the tiny model's rotary base (a smaller "
                     "one lets attention tell an image's cells, or grid-placed slots, apart by position)")
+    ap.add_argument("--marks", action="store_true", help="cell task: blacken one patch of each cell, at the "
+                    "cell's own row and column mod 2, so that an image token's content says where it is (as the "
+                    "demo world's tints do and a pretrained tower's features do), not only its position")
     ap.add_argument("--lookup-heads", type=int, default=0, metavar="EVERY", help="cell task: every EVERY steps "
                     "print, per layer and head, the share of the step's slot attention on the named cell's slot, "
                     "on the other slots of its row and column, and on the rest")
@@ -177,7 +185,7 @@ def main() -> None:
     torch.set_num_threads(1)
     rng = random.Random(args.seed)
     root = Path(tempfile.mkdtemp())
-    task = ColourTask(root, rng) if args.task == "colour" else CellTask(root, rng, args.cells)
+    task = ColourTask(root, rng) if args.task == "colour" else CellTask(root, rng, args.cells, marks=args.marks)
     model, tok, ip = build_tiny(shape=replace(SHAPES["tiny"], rope_theta=args.rope_theta), seed=args.seed)
     bb = backbone_for(model, image_processor=ip, latent_feed=args.feed)
     config = ValrConfig(k=args.k, align_layer=args.align_layer, lambda_align=args.lambda_align,
