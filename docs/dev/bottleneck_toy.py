@@ -153,6 +153,18 @@ def lookup_by_head(bb, batch, records, task: "CellTask", tok, layer: int) -> tor
     return torch.stack(shares).mean(0)
 
 
+def slot_geometry(bb, batch, layer: int) -> str:
+    """Cosines of each slot's aligned-layer state with the vector fed in at it and with the slot before's state.
+    With the paper's feed, fed vectors far larger than what a fresh model's layers add, a segment's states are
+    nearly one vector, which one projector cannot map to K different cells. (Aligning the last layer, the state
+    is after the final norm, so it is exactly what the next slot is fed.)"""
+    out = forward_latent(bb, batch, layer, "fast")
+    states, inputs = out.latent_states, out.latent_inputs  # (segments, K, D)
+    cos = torch.nn.functional.cosine_similarity
+    return (f", slot state vs its input cos {float(cos(states, inputs, dim=-1).mean()):.3f}, vs the slot before "
+            f"{float(cos(states[:, 1:], states[:, :-1], dim=-1).mean()):.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", choices=("colour", "cell"), default="colour")
@@ -209,6 +221,8 @@ def main() -> None:
             line = f"step {step}: CE own images {float(own.ce):.4f}, swapped {float(swapped.ce):.4f}"
             if args.lambda_align > 0:
                 line += f", align {float(own.align):.4f}"
+            if not args.no_bottleneck:
+                line += slot_geometry(bb, batch_of(val), args.align_layer)
             if isinstance(task, CellTask):
                 ces = torch.stack([per_record_ce(bb, batch_of([task.with_colour(r, c) for r in val]))
                                    for c in COLOURS])
