@@ -199,7 +199,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp())
     task = ColourTask(root, rng) if args.task == "colour" else CellTask(root, rng, args.cells, marks=args.marks)
     model, tok, ip = build_tiny(shape=replace(SHAPES["tiny"], rope_theta=args.rope_theta), seed=args.seed)
-    bb = backbone_for(model, image_processor=ip, latent_feed=args.feed)
+    bb = backbone_for(model, image_processor=ip)  # Objective sets the feed from the config
     config = ValrConfig(k=args.k, align_layer=args.align_layer, lambda_align=args.lambda_align,
                         projector_width=256, train_mode=args.mode, center_targets=True,
                         latent_feed=args.feed, image_bottleneck=not args.no_bottleneck,
