@@ -1,4 +1,4 @@
-"""Development check of docs/results.md (items 67-68): can a fresh tiny model learn to pass image information
+"""Development check of docs/results.md (items 67-70): can a fresh tiny model learn to pass image information
 to its text through its latents alone, and does the alignment help it?
 
 Two tasks, both under the image bottleneck unless ``--no-bottleneck``:
