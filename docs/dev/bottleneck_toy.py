@@ -51,6 +51,7 @@ from valr.train import Objective
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (220, 220, 30)}
 CELL_PX = 28  # one merged visual token (patch 14, merge 2)
 MARK_PX = 14  # one patch of a cell
+MARK_STEP = 48  # grey levels of the marks of successive 2 x 2 blocks of cells (up to a 10 x 10 grid)
 
 
 class ColourTask:
@@ -86,9 +87,10 @@ class CellTask:
             for r in range(side):
                 for c in range(side):
                     pixels[r * CELL_PX:(r + 1) * CELL_PX, c * CELL_PX:(c + 1) * CELL_PX] = COLOURS[grid[r][c]]
-                    if marks:  # a black quarter at the cell's own (row, col) corner, mod 2: content that says where
+                    if marks:  # a dark quarter at the cell's own (row, col) corner, mod 2, whose grey level
+                        # names the 2 x 2 block the cell is in (black in the first): content that says where
                         y, x = r * CELL_PX + (r % 2) * MARK_PX, c * CELL_PX + (c % 2) * MARK_PX
-                        pixels[y:y + MARK_PX, x:x + MARK_PX] = 0
+                        pixels[y:y + MARK_PX, x:x + MARK_PX] = MARK_STEP * ((r // 2) * ((side + 1) // 2) + c // 2)
             Image.fromarray(pixels).save(root / f"grid{i}.png")
             self.grids.append(grid)
         self.train_ids = range(images)
@@ -185,9 +187,10 @@ def main() -> None:
                     help="grid: a segment's slots on the rotary axes like an image's merged patches (item 66)")
     ap.add_argument("--rope-theta", type=float, default=10000.0, help="the tiny model's rotary base (a smaller "
                     "one lets attention tell an image's cells, or grid-placed slots, apart by position)")
-    ap.add_argument("--marks", action="store_true", help="cell task: blacken one patch of each cell, at the "
-                    "cell's own row and column mod 2, so that an image token's content says where it is (as the "
-                    "demo world's tints do and a pretrained tower's features do), not only its position")
+    ap.add_argument("--marks", action="store_true", help="cell task: darken one patch of each cell, at the "
+                    "cell's own row and column mod 2, to a grey level that names its 2 x 2 block (black on a 2 x 2 "
+                    "grid), so that an image token's content says where it is (as the demo world's tints do), not "
+                    "only its position")
     ap.add_argument("--lookup-heads", type=int, default=0, metavar="EVERY", help="cell task: every EVERY steps "
                     "print, per layer and head, the share of the step's slot attention on the named cell's slot, "
                     "on the other slots of its row and column, and on the rest")
