@@ -51,7 +51,8 @@ from valr.train import Objective
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (220, 220, 30)}
 CELL_PX = 28  # one merged visual token (patch 14, merge 2)
 MARK_PX = 14  # one patch of a cell
-MARK_STEP = 48  # grey levels of the marks of successive 2 x 2 blocks of cells (up to a 10 x 10 grid)
+MARK_STEP = 48  # grey levels of the marks of successive 2 x 2 blocks of cells (0-144: up to a 4 x 4 grid)
+MAX_MARKED_SIDE = 4
 
 
 class ColourTask:
@@ -155,12 +156,11 @@ def lookup_by_head(bb, batch, records, task: "CellTask", tok, layer: int) -> tor
     return torch.stack(shares).mean(0)
 
 
-def slot_geometry(bb, batch, layer: int) -> str:
+def slot_geometry(out) -> str:
     """Cosines of each slot's aligned-layer state with the vector fed in at it and with the slot before's state.
     With the paper's feed, fed vectors far larger than what a fresh model's layers add, a segment's states are
     nearly one vector, which one projector cannot map to K different cells. (Aligning the last layer, the state
-    is after the final norm, so it is exactly what the next slot is fed.)"""
-    out = forward_latent(bb, batch, layer, "fast")
+    is after the final norm, so it is exactly what the next slot is fed.) ``out``: the engine's output."""
     states, inputs = out.latent_states, out.latent_inputs  # (segments, K, D)
     cos = torch.nn.functional.cosine_similarity
     return (f", slot state vs its input cos {float(cos(states, inputs, dim=-1).mean()):.3f}, vs the slot before "
@@ -195,6 +195,9 @@ def main() -> None:
                     "print, per layer and head, the share of the step's slot attention on the named cell's slot, "
                     "on the other slots of its row and column, and on the rest")
     args = ap.parse_args()
+    if args.marks and args.cells > MAX_MARKED_SIDE:
+        ap.error(f"--marks names at most {MAX_MARKED_SIDE} x {MAX_MARKED_SIDE} cells (one grey level per 2 x 2 "
+                 f"block); use --cells {MAX_MARKED_SIDE} or fewer")
     if args.lookup_heads and (args.task != "cell" or args.k != args.cells ** 2):
         ap.error("--lookup-heads needs --task cell and --k equal to --cells squared (one slot per cell)")
     torch.set_num_threads(1)
@@ -219,20 +222,21 @@ def main() -> None:
 
     def report(step: int) -> None:
         with torch.no_grad():
-            own = objective.stage2(batch_of(val), mode="fast")
+            val_batch = batch_of(val)
+            own = objective.stage2(val_batch, mode="fast")
             swapped = objective.stage2(batch_of(with_swapped_images(val)), mode="fast")
             line = f"step {step}: CE own images {float(own.ce):.4f}, swapped {float(swapped.ce):.4f}"
             if args.lambda_align > 0:
                 line += f", align {float(own.align):.4f}"
             if not args.no_bottleneck:
-                line += slot_geometry(bb, batch_of(val), args.align_layer)
+                line += slot_geometry(own.output)
             if isinstance(task, CellTask):
                 ces = torch.stack([per_record_ce(bb, batch_of([task.with_colour(r, c) for r in val]))
                                    for c in COLOURS])
                 truth = torch.tensor([task.colour_index(r) for r in val])
                 line += f", colour accuracy {float((ces.argmin(0) == truth).float().mean()):.3f}"
             if args.lookup_heads and step % args.lookup_heads == 0:
-                shares = lookup_by_head(bb, batch_of(val), val, task, tok, args.align_layer)
+                shares = lookup_by_head(bb, val_batch, val, task, tok, args.align_layer)
                 line += "".join(f"\n  layer {i + 1} slot-attention share {'/'.join(RELATIONS)} by head: "
                                 + "  ".join("/".join(f"{float(v):.2f}" for v in head) for head in heads)
                                 for i, heads in enumerate(shares))
