@@ -5,7 +5,8 @@ can be used from anywhere:
 
     .venv/bin/python docs/dev/reading_records.py RUN OUT
 
-writes OUT/train.jsonl (RUN's stage-0 reading and finding records), OUT/read_val.jsonl and OUT/find_val.jsonl
+writes OUT/train.jsonl (RUN's stage-0 reading and finding records; its reading records alone when RUN ran
+without the finding phases), OUT/read_val.jsonl and OUT/find_val.jsonl
 (held-out scenes), and prints how many records each kept.
 """
 
@@ -37,7 +38,10 @@ def main() -> None:
         raise SystemExit(__doc__)
     run, out = Path(sys.argv[1]), Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
-    for src, name in ((run / "stage0_find" / "read_find.jsonl", "train.jsonl"),
+    train = run / "stage0_find" / "read_find.jsonl"
+    if not train.is_file():  # a run without the finding phases (find_steps=0): its reading records alone
+        train = run / "world" / "read.jsonl"
+    for src, name in ((train, "train.jsonl"),
                       (run / "world" / "read_val.jsonl", "read_val.jsonl"),
                       (run / "chains" / "find_val.jsonl", "find_val.jsonl")):
         kept, total = keep(src, out / name)
