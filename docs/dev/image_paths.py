@@ -23,9 +23,8 @@ import torch
 
 from valr.checkpoint import load_checkpoint
 from valr.data import LayoutConfig, load_records, make_batch
-from valr.demo.probes import with_swapped_images
+from valr.demo.probes import object_hits, object_token_ids, with_swapped_images
 from valr.engine import forward_latent
-from valr.synth.world import COLOURS, SHAPES, SIZES
 from valr.tokens import LatentTokenIds
 
 
@@ -67,18 +66,6 @@ def image_paths(ckpt: str, records: list, bottleneck: bool = False, batch: int =
             "object_own": sums["object_own"] / max(sums["objects"], 1),
             "object_swapped": sums["object_swapped"] / max(sums["objects"], 1)}
 
-
-def object_token_ids(tok) -> torch.Tensor:
-    """The ids of the world's object words (size, colour, shape): what a reading step takes from the image."""
-    words = [*SIZES, *COLOURS, *SHAPES]
-    return torch.tensor(sorted({i for w in words for i in tok(" " + w, add_special_tokens=False)["input_ids"]}))
-
-
-def object_hits(bb, hidden: torch.Tensor, labels: torch.Tensor, objects: torch.Tensor) -> tuple[int, int]:
-    """Teacher-forced: how many object words the model predicts right (argmax), and how many there are."""
-    target = labels[:, 1:]
-    m = torch.isin(target, objects)
-    return int((bb.logits(hidden[:, :-1][m]).argmax(-1) == target[m]).sum()), int(m.sum())
 
 
 def vision_gradient(ckpt: str, records: list, bottleneck: bool = False) -> dict[str, float]:

@@ -111,11 +111,9 @@ def reading_accuracy(loaded: Any, records_file: Path, batch: int = 32) -> dict[s
 
     from valr.data import LayoutConfig, load_records, make_batch
     from valr.engine import forward_plain
-    from valr.synth.world import COLOURS, SHAPES, SIZES
 
     bb, tok = loaded.backbone, loaded.tokenizer
-    words = [*SIZES, *COLOURS, *SHAPES]
-    obj_ids = torch.tensor(sorted({i for w in words for i in tok(" " + w, add_special_tokens=False)["input_ids"]}))
+    obj_ids = object_token_ids(tok)
     recs = load_records(records_file)
     groups = {"one_view": [r for r in recs if len(r.images) == 1], "all_views": [r for r in recs if len(r.images) > 1]}
     out: dict[str, float] = {}
@@ -125,13 +123,31 @@ def reading_accuracy(loaded: Any, records_file: Path, batch: int = 32) -> dict[s
                 ok = tot = 0
                 for i in range(0, len(group), batch):
                     b = make_batch(group[i:i + batch], tok, bb, LayoutConfig(k=0))
-                    hidden = forward_plain(bb, b).hidden[:, :-1]
-                    target = b.labels[:, 1:]
-                    m = torch.isin(target, obj_ids)
-                    ok += int((bb.logits(hidden[m]).argmax(-1) == target[m]).sum())
-                    tot += int(m.sum())
+                    right, count = object_hits(bb, forward_plain(bb, b).hidden, b.labels, obj_ids)
+                    ok += right
+                    tot += count
                 out[name + suffix] = ok / max(tot, 1)
     return out
+
+
+def object_token_ids(tok: Any) -> Any:
+    """The token ids of the world's object words (size, colour, shape): what a reading step takes from the image."""
+    import torch
+
+    from valr.synth.world import COLOURS, SHAPES, SIZES
+
+    words = [*SIZES, *COLOURS, *SHAPES]
+    return torch.tensor(sorted({i for w in words for i in tok(" " + w, add_special_tokens=False)["input_ids"]}))
+
+
+def object_hits(bb: Any, hidden: Any, labels: Any, object_ids: Any) -> tuple[int, int]:
+    """Teacher-forced: how many object words the model predicts right (argmax of the logits at the position
+    before each), and how many object words the labels hold."""
+    import torch
+
+    target = labels[:, 1:]
+    m = torch.isin(target, object_ids)
+    return int((bb.logits(hidden[:, :-1][m]).argmax(-1) == target[m]).sum()), int(m.sum())
 
 
 STEP_ROLES = ("view", "key", "cell", "object", "count")
