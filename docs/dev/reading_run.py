@@ -37,12 +37,14 @@ from valr.synth.teacher import teacher_spec
 def stage0_model(run: Path) -> Path:
     """The checkpoint stage 1 starts from: stage 1's cache key names it by fingerprint, so take the last stage-0
     stage that finished (extensions after the main phase)."""
-    done = sorted((d for d in run.iterdir() if d.name.startswith("stage0") and (d / "done.json").is_file()
-                   and "checkpoint" in json.loads((d / "done.json").read_text()).get("result", {})),
-                  key=lambda d: (d / "done.json").stat().st_mtime)
+    done = []  # (when it finished, its checkpoint)
+    for marker in run.glob("stage0*/done.json"):
+        result = json.loads(marker.read_text()).get("result", {})
+        if "checkpoint" in result:  # not the reading checks
+            done.append((marker.stat().st_mtime, result["checkpoint"]))
     if not done:
         raise SystemExit(f"{run}: no finished stage-0 stage with a checkpoint; run `valr demo --out {run}` first")
-    return Path(json.loads((done[-1] / "done.json").read_text())["result"]["checkpoint"])
+    return Path(max(done)[1])
 
 
 def report(start: Path, out: Path, records: Path, limit: int) -> None:
@@ -87,12 +89,12 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=32, help="--report: validation records measured")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     a = ap.parse_args()
+    model = a.start or stage0_model(a.run)
     if a.report:
-        return report(a.start or stage0_model(a.run), a.out, a.records, a.limit)
+        return report(model, a.out, a.records, a.limit)
     seed = json.loads((a.run / "world" / "key.json").read_text())["key"]["seed"]
     cfg = DemoConfig(seed=seed, image_bottleneck=True).with_overrides(a.overrides)
     teachers = [teacher_spec(a.run / "teacher", image_size=112)] if a.lambda_align else []
-    model = a.start or stage0_model(a.run)
     common = dict(data=a.records / "train.jsonl", stage=2, lr=cfg.stage2_lr, teachers=teachers,
                   val_data=a.records / "read_val.jsonl", save_every=a.save_every, keep_last=10_000)
     if a.align_first:
@@ -101,8 +103,7 @@ def main() -> None:
         first = _train(cfg, a.out / "align_first", model=model, steps=a.align_first, lambda_align=a.lambda_align,
                        ce_weight=0.0, **common)
         model = Path(first["checkpoint"])
-    res = _train(cfg, a.out / "read", model=model, steps=a.steps, lambda_align=a.lambda_align,
-                 **common)
+    res = _train(cfg, a.out / "read", model=model, steps=a.steps, lambda_align=a.lambda_align, **common)
     print(json.dumps({k: v for k, v in res.items() if k != "curve"}, indent=1))
 
 
