@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from valr.synth.teacher import TeacherTrainConfig
+from valr.tiny import QWEN2_ROPE_THETA
 
 FORMAT = 1
 
@@ -52,7 +53,7 @@ class DemoConfig:
     # frequencies, turn by at most 0.1 and 0.003 rad per cell, so attention cannot tell an image's cells, or
     # grid-placed latent slots, apart by position; on a toy a base of 10 let grid-placed aligned pause latents be read
     # (docs/results.md item 69). Changes the model from stage 0 on
-    rope_theta: float = 10000.0
+    rope_theta: float = QWEN2_ROPE_THETA
     # perception teacher
     teacher: TeacherTrainConfig = field(default_factory=lambda: TeacherTrainConfig(steps=120, batch_size=32))
     # vision-tower pretraining (dense per-token labels) and stage 0 (reading cells by address)

@@ -28,6 +28,7 @@ from valr.demo.report import dump_json, pack_pairs, plot_all, write_report
 from valr.demo.scoring import _long_chain_accuracy, check_targets, prior_baseline, score_predictions
 from valr.demo.stages import BEST_PASSES, Stages, _log, _train, _without_paths
 from valr.demo.stats import paired_comparisons
+from valr.tiny import QWEN2_ROPE_THETA
 
 
 def finding_stages(c: DemoConfig, st: Stages, training: dict[str, Any], wdir: Path, progress: bool
@@ -351,7 +352,7 @@ def model_key(c: DemoConfig) -> dict[str, Any]:
     """The MLLM's shape and training batch in the cache key of stage 0's first stage (and so of all after it)."""
     key = {k: getattr(c, k) for k in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vision_depth",
                                       "vision_hidden", "vision_heads", "batch_size", "warmup_ratio")}
-    if c.rope_theta != 10000.0:  # absent at Qwen2's base, as before the option existed
+    if c.rope_theta != QWEN2_ROPE_THETA:  # absent at Qwen2's base, as before the option existed
         key["rope_theta"] = c.rope_theta
     return key
 

@@ -15,6 +15,7 @@ from valr.demo.scoring import check_targets
 from valr.demo.stages import _log
 from valr.demo.stats import mean_std as _mean_std
 from valr.demo.stats import seed_uncertainty
+from valr.tiny import QWEN2_ROPE_THETA
 
 
 def _fraction_means(runs: dict[str, dict[str, Any]], seeds: list[str]) -> dict[str, dict[str, Any]]:
@@ -194,7 +195,7 @@ ABSENT_MEANS: dict[str, Any] = {"fixed_options": False, "latent_feed": "hidden",
                                 "center_targets": False, "latent_after": None, "find_oneview_steps": 0,
                                 "find_steps": 0, "vision_position_heads": False, "stage0_max_extensions": 0,
                                 "tally_counts": False, "align_first_steps": 0,
-                                "latent_positions": "text", "rope_theta": 10000.0}
+                                "latent_positions": "text", "rope_theta": QWEN2_ROPE_THETA}
 
 
 def merge_runs(paths: list[str | Path]) -> dict[str, dict[str, Any]]:
