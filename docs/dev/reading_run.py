@@ -4,7 +4,7 @@ steps; on the cell toy (item 70) the text read its latents 1,000-2,000 steps aft
 
     .venv/bin/python docs/dev/reading_run.py RUN RECORDS OUT [--align-first N] [--steps S] [--lambda-align L]
                                              [--save-every E] [key=value ...]
-    .venv/bin/python docs/dev/reading_run.py RUN RECORDS OUT --report [--limit 32]
+    .venv/bin/python docs/dev/reading_run.py RUN RECORDS OUT --report [--limit 32] [--since STEP]
 
 RUN is a `valr demo` output directory whose stage 0 has finished (its teacher is the alignment target); RECORDS a
 directory written by `docs/dev/reading_records.py` (train.jsonl, read_val.jsonl); OUT a new directory. Trains
@@ -47,11 +47,12 @@ def stage0_model(run: Path) -> Path:
     return Path(max(done)[1])
 
 
-def report(start: Path, out: Path, records: Path, limit: int) -> None:
+def report(start: Path, out: Path, records: Path, limit: int, since: int = 0) -> None:
     """One line for the starting model under the bottleneck, then one per checkpoint of OUT/align_first and
-    OUT/read, in training order."""
+    OUT/read, in training order; with ``since``, only the checkpoints at that many steps in all or more."""
     val = load_records(records / "read_val.jsonl")[:limit]
-    line(f"start {start}", image_paths(str(start), val, bottleneck=True))
+    if not since:
+        line(f"start {start}", image_paths(str(start), val, bottleneck=True))
     offset = 0
     for part in ("align_first", "read"):
         run = out / part / "run"
@@ -63,6 +64,8 @@ def report(start: Path, out: Path, records: Path, limit: int) -> None:
         if (run / "final").is_dir() and last not in [s for s, _ in saved]:  # a finished run's last step
             saved.append((last, run / "final"))
         for step, ckpt in saved:
+            if offset + step < since:
+                continue
             window = [h for h in history if step - 50 < h["step"] <= step]
             train = {k: sum(h[k] for h in window) / len(window) for k in ("align", "ce")}
             line(f"{part} step {step} (in all {offset + step}): train align {train['align']:.4f} ce "
@@ -87,11 +90,13 @@ def main() -> None:
     ap.add_argument("--save-every", type=int, default=250, metavar="E")
     ap.add_argument("--report", action="store_true", help="measure OUT's checkpoints instead of training")
     ap.add_argument("--limit", type=int, default=32, help="--report: validation records measured")
+    ap.add_argument("--since", type=int, default=0, metavar="STEP",
+                    help="--report: only the checkpoints at STEP steps in all (warm-up included) or later")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     a = ap.parse_args()
     model = a.start or stage0_model(a.run)
     if a.report:
-        return report(model, a.out, a.records, a.limit)
+        return report(model, a.out, a.records, a.limit, a.since)
     seed = json.loads((a.run / "world" / "key.json").read_text())["key"]["seed"]
     cfg = DemoConfig(seed=seed, image_bottleneck=True).with_overrides(a.overrides)
     teachers = [teacher_spec(a.run / "teacher", image_size=112)] if a.lambda_align else []
