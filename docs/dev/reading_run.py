@@ -4,7 +4,7 @@ steps; on the cell toy (item 70) the text read its latents 1,000-2,000 steps aft
 
     .venv/bin/python docs/dev/reading_run.py RUN RECORDS OUT [--align-first N] [--steps S] [--lambda-align L]
                                              [--save-every E] [key=value ...]
-    .venv/bin/python docs/dev/reading_run.py RUN RECORDS OUT --report [--limit 32] [--since STEP]
+    .venv/bin/python docs/dev/reading_run.py RUN RECORDS OUT --report [--limit 32] [--since STEP] [--rows FILE]
 
 RUN is a `valr demo` output directory whose stage 0 has finished (its teacher is the alignment target); RECORDS a
 directory written by `docs/dev/reading_records.py` (train.jsonl, read_val.jsonl); OUT a new directory. Trains
@@ -47,12 +47,14 @@ def stage0_model(run: Path) -> Path:
     return Path(max(done)[1])
 
 
-def report(start: Path, out: Path, records: Path, limit: int, since: int = 0) -> None:
+def report(start: Path, out: Path, records: Path, limit: int, since: int = 0, rows: Path | None = None) -> None:
     """One line for the starting model under the bottleneck, then one per checkpoint of OUT/align_first and
-    OUT/read, in training order; with ``since``, only the checkpoints at that many steps in all or more."""
+    OUT/read, in training order; with ``since``, only the checkpoints at that many steps in all or more. With
+    ``rows``, each line is also appended to that JSON-lines file (for `docs/dev/reading_plot.py`)."""
     val = load_records(records / "read_val.jsonl")[:limit]
     if not since:
-        line(f"start {start}", image_paths(str(start), val, bottleneck=True))
+        emit(f"start {start}", {"part": "start", "step": 0, "in_all": 0, "records": len(val)},
+             image_paths(str(start), val, bottleneck=True), rows)
     offset = 0
     for part in ("align_first", "read"):
         run = out / part / "run"
@@ -68,14 +70,20 @@ def report(start: Path, out: Path, records: Path, limit: int, since: int = 0) ->
                 continue
             window = [h for h in history if step - 50 < h["step"] <= step]
             train = {k: sum(h[k] for h in window) / len(window) for k in ("align", "ce")}
-            line(f"{part} step {step} (in all {offset + step}): train align {train['align']:.4f} ce "
-                 f"{train['ce']:.4f};", image_paths(str(ckpt), val))
+            emit(f"{part} step {step} (in all {offset + step}): train align {train['align']:.4f} ce "
+                 f"{train['ce']:.4f};", {"part": part, "step": step, "in_all": offset + step, "records": len(val),
+                                         "train_align": train["align"], "train_ce": train["ce"]},
+                 image_paths(str(ckpt), val), rows)
         offset += last
 
 
-def line(head: str, r: dict[str, float]) -> None:
+def emit(head: str, where: dict[str, object], r: dict[str, float], rows: Path | None) -> None:
     print(f"{head} text change {r['text_change']:.4f}, CE own {r['ce_own']:.4f} swapped {r['ce_swapped']:.4f}, "
           f"objects own {r['object_own']:.3f} swapped {r['object_swapped']:.3f}", flush=True)
+    if rows:
+        keep = ("text_change", "ce_own", "ce_swapped", "object_own", "object_swapped")
+        with rows.open("a") as f:
+            f.write(json.dumps({**where, **{k: r[k] for k in keep}}) + "\n")
 
 
 def main() -> None:
@@ -90,13 +98,14 @@ def main() -> None:
     ap.add_argument("--save-every", type=int, default=250, metavar="E")
     ap.add_argument("--report", action="store_true", help="measure OUT's checkpoints instead of training")
     ap.add_argument("--limit", type=int, default=32, help="--report: validation records measured")
+    ap.add_argument("--rows", type=Path, metavar="FILE", help="--report: also append each line to this JSON-lines file")
     ap.add_argument("--since", type=int, default=0, metavar="STEP",
                     help="--report: only the checkpoints at STEP steps in all (warm-up included) or later")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     a = ap.parse_args()
     model = a.start or stage0_model(a.run)
     if a.report:
-        return report(model, a.out, a.records, a.limit, a.since)
+        return report(model, a.out, a.records, a.limit, a.since, a.rows)
     seed = json.loads((a.run / "world" / "key.json").read_text())["key"]["seed"]
     cfg = DemoConfig(seed=seed, image_bottleneck=True).with_overrides(a.overrides)
     teachers = [teacher_spec(a.run / "teacher", image_size=112)] if a.lambda_align else []
