@@ -14,7 +14,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from valr.tokens import add_latent_tokens, qwen_tokenizer, train_bpe_tokenizer
 
-QWEN2_ROPE_THETA = 10000.0  # Qwen2's (and Qwen2.5-VL's) rotary base: the default, and what older runs used
+# Qwen2Config's default rotary base, the tiny models' and the demo's (released Qwen2.5-VL checkpoints use 1,000,000)
+QWEN2_ROPE_THETA = 10000.0
 
 SMALL_CORPUS = [
     "Step 1: look at the image. Step 2: find the red cube left of the blue ball.\n",
@@ -37,7 +38,7 @@ class TinyShape:
     vision_hidden: int = 32
     vision_heads: int = 2
     max_positions: int = 4096
-    # Qwen2.5-VL's rotary base. With 10,000 and a small head_dim the height and width axes (the lowest
+    # the rotary base. With 10,000 and a small head_dim the height and width axes (the lowest
     # frequencies) turn by at most 0.1 and 0.003 rad per cell, so attention can hardly tell cells apart by position.
     rope_theta: float = QWEN2_ROPE_THETA
 
