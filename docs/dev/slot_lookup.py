@@ -4,9 +4,9 @@ that cell? For a latent model the candidates are the 16 slots of the step's own 
 grid, row-major); for a plain model (SFT) the 16 visual tokens of the step's view. Teacher-forced, one record at
 a time (latent slots filled as in fast-mode training), eager attention, heads averaged. Per layer it prints the
 share of the candidates' attention that goes to the named cell, how often the named cell gets the most, and the
-candidates' share of all attention; chance for the first two is 1/16.
+candidates' share of all attention; chance for the first two is 1/16. ``--per-head``: per layer and head.
 
-    .venv/bin/python docs/dev/slot_lookup.py RECORDS [CHECKPOINT ...] [--plain CHECKPOINT ...] [--limit N]
+    .venv/bin/python docs/dev/slot_lookup.py RECORDS [CHECKPOINT ...] [--plain CHECKPOINT ...] [--limit N] [--per-head]
 
 RECORDS is a records file of the demo world (e.g. a run's chains/val.jsonl); the CHECKPOINTs are latent models
 (stage 2), those after --plain plain ones (stage 1, SFT).
@@ -48,7 +48,7 @@ def attentions_with_latents(bb, batch, layer: int, latent: bool) -> torch.Tensor
     return torch.stack(att)
 
 
-def lookups(ckpt: Path, records: Path, limit: int, latent: bool) -> dict:
+def lookups(ckpt: Path, records: Path, limit: int, latent: bool, per_head: bool = False) -> dict:
     loaded = load_checkpoint(ckpt)
     bb, tok, cfg = loaded.backbone, loaded.tokenizer, loaded.config
     lat = LatentTokenIds.from_tokenizer(tok) if latent else None
@@ -57,7 +57,8 @@ def lookups(ckpt: Path, records: Path, limit: int, latent: bool) -> dict:
     share, top, mass, n = None, None, None, 0
     for rec in load_records(records)[:limit]:
         batch = make_batch([rec], tok, bb, layout, lat)
-        att = attentions_with_latents(bb, batch, cfg.align_layer, latent)[:, 0].mean(1)  # (layers, L, L)
+        att = attentions_with_latents(bb, batch, cfg.align_layer, latent)[:, 0]  # (layers, heads, L, L)
+        att = att if per_head else att.mean(1, keepdim=True)
         images = (batch.input_ids[0] == bb.image_token_id).nonzero().flatten().tolist()
         for i, step in enumerate(rec.steps):
             m = ADDRESSED.match(step.text)
@@ -73,14 +74,17 @@ def lookups(ckpt: Path, records: Path, limit: int, latent: bool) -> dict:
                 per = len(images) // len(rec.images)
                 side = round(per ** 0.5)
                 cands = images[view * per:(view + 1) * per]
-            a = att[:, q, cands]  # (layers, 16)
+            a = att[:, :, q, cands]  # (layers, heads or 1, 16)
             right = row * side + col
-            s = a[:, right] / a.sum(-1)
+            s = a[..., right] / a.sum(-1)
             t = (a.argmax(-1) == right).float()
             share, top = (s, t) if share is None else (share + s, top + t)
             mass = a.sum(-1) if mass is None else mass + a.sum(-1)
             n += 1
-    r = lambda x: [round(float(v) / max(n, 1), 4) for v in x]  # noqa: E731
+    def r(x: torch.Tensor) -> list:
+        rows = [[round(float(v) / max(n, 1), 4) for v in layer] for layer in x]
+        return rows if per_head else [layer[0] for layer in rows]
+
     return {"lookups": n, "share_on_named_cell": r(share), "named_cell_top": r(top), "candidates_share": r(mass)}
 
 
@@ -90,10 +94,11 @@ def main() -> None:
     ap.add_argument("checkpoints", type=Path, nargs="*", help="latent models")
     ap.add_argument("--plain", type=Path, nargs="+", default=[], help="plain models (stage 1, SFT)")
     ap.add_argument("--limit", type=int, default=64)
+    ap.add_argument("--per-head", action="store_true", help="one value per layer and head instead of heads averaged")
     args = ap.parse_args()
     torch.set_num_threads(1)
     for ckpt, latent in [(c, True) for c in args.checkpoints] + [(c, False) for c in args.plain]:
-        print(ckpt, json.dumps(lookups(ckpt, args.records, args.limit, latent)), flush=True)
+        print(ckpt, json.dumps(lookups(ckpt, args.records, args.limit, latent, args.per_head)), flush=True)
 
 
 if __name__ == "__main__":
