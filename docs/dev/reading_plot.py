@@ -18,21 +18,20 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from reading_run import load_history, window_mean  # docs/dev, beside this script  # noqa: E402
 
 
 def means(run_out: Path, every: int = 100) -> tuple[list[int], list[float], list[float]]:
     """(step in all, CE, alignment) of the reading stage, each a mean over ``every`` steps."""
-    offset = 0
-    warm = run_out / "align_first" / "run" / "history.jsonl"
-    if warm.is_file():
-        offset = max(json.loads(x)["step"] for x in warm.read_text().splitlines() if x.strip())
-    hist = [json.loads(x) for x in (run_out / "read" / "run" / "history.jsonl").read_text().splitlines() if x.strip()]
+    warm = run_out / "align_first" / "run"
+    offset = max((h["step"] for h in load_history(warm)), default=0) if warm.is_dir() else 0
+    hist = load_history(run_out / "read" / "run")
     steps, ce, align = [], [], []
     for end in range(every, hist[-1]["step"] + 1, every):
-        window = [h for h in hist if end - every < h["step"] <= end]
+        m = window_mean(hist, end, every)
         steps.append(offset + end)
-        ce.append(sum(h["ce"] for h in window) / len(window))
-        align.append(sum(h["align"] for h in window) / len(window))
+        ce.append(m["ce"])
+        align.append(m["align"])
     return steps, ce, align
 
 

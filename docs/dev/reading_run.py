@@ -60,7 +60,7 @@ def report(start: Path, out: Path, records: Path, limit: int, since: int = 0, ro
         run = out / part / "run"
         if not run.is_dir():
             continue
-        history = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines() if x.strip()]
+        history = load_history(run)
         last = max((h["step"] for h in history), default=0)
         saved = [(int(c.name.split("-")[1]), c / "model") for c in sorted((run / "checkpoints").glob("step-*[0-9]"))]
         if (run / "final").is_dir() and last not in [s for s, _ in saved]:  # a finished run's last step
@@ -68,13 +68,23 @@ def report(start: Path, out: Path, records: Path, limit: int, since: int = 0, ro
         for step, ckpt in saved:
             if offset + step < since:
                 continue
-            window = [h for h in history if step - 50 < h["step"] <= step]
-            train = {k: sum(h[k] for h in window) / len(window) for k in ("align", "ce")}
+            train = window_mean(history, step, 50)
             emit(f"{part} step {step} (in all {offset + step}): train align {train['align']:.4f} ce "
                  f"{train['ce']:.4f};", {"part": part, "step": step, "in_all": offset + step, "records": len(val),
                                          "train_align": train["align"], "train_ce": train["ce"]},
                  image_paths(str(ckpt), val), rows)
         offset += last
+
+
+def load_history(run: Path) -> list[dict]:
+    """The per-step rows the trainer wrote to ``run/history.jsonl``."""
+    return [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines() if x.strip()]
+
+
+def window_mean(history: list[dict], end: int, width: int) -> dict[str, float]:
+    """The training alignment and CE, each a mean over the ``width`` steps up to step ``end``."""
+    window = [h for h in history if end - width < h["step"] <= end]
+    return {k: sum(h[k] for h in window) / len(window) for k in ("align", "ce")}
 
 
 def emit(head: str, where: dict[str, object], r: dict[str, float], rows: Path | None) -> None:
