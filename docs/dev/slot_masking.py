@@ -18,7 +18,12 @@ Printed per checkpoint: the share of the named object's words (size, colour, sha
 and their CE. If the named slot alone reads as well as the segment, the cell lives in its slot; if the segment
 without it reads as well, it is spread over the others.
 
+``--open`` lifts the bottleneck (the slots computed and the text read with every token seeing the images):
+does a text that learned to read its latents under the bottleneck still take from them when the image is in
+view ("none" against "segment")?
+
     .venv/bin/python docs/dev/slot_masking.py RECORDS CHECKPOINT [CHECKPOINT ...] [--limit 32] [--rows FILE]
+                                              [--open]
 """
 
 import argparse
@@ -30,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from valr.backbones.base import causal_mask
 from valr.checkpoint import load_checkpoint
 from valr.data import LayoutConfig, load_records, make_batch
 from valr.demo.probes import object_token_ids, with_swapped_images
@@ -48,7 +54,8 @@ def filled_inputs(bb, batch, layer: int):
     for seg, (b, s) in enumerate(out.segment_owner):
         start = batch.segment_starts[b][s]
         embeds[b, start:start + batch.k] = out.latent_inputs[seg]
-    return embeds, positions, full_mask(bb, batch), out.hidden
+    mask = full_mask(bb, batch)
+    return embeds, positions, causal_mask(mask) if mask.dim() == 2 else mask, out.hidden
 
 
 def hidden_columns(condition: str, own: list[int], named: int, other: int, slots: list[int]) -> list[int]:
@@ -60,11 +67,12 @@ def hidden_columns(condition: str, own: list[int], named: int, other: int, slots
     return [c for c in (own + others) if c not in kept]
 
 
-def masked(ckpt: Path, records: list, seed: int = 0) -> dict:
+def masked(ckpt: Path, records: list, seed: int = 0, open_images: bool = False) -> dict:
     loaded = load_checkpoint(ckpt)
     bb, tok, cfg = loaded.backbone, loaded.tokenizer, loaded.config
-    if not bb.image_bottleneck:
-        raise SystemExit(f"{ckpt}: trained without the image bottleneck; this analysis reads latents under it")
+    if not (bb.image_bottleneck or open_images):
+        raise SystemExit(f"{ckpt}: trained without the image bottleneck; measure it with --open")
+    bb.image_bottleneck = not open_images
     lat = LatentTokenIds.from_tokenizer(tok)
     layout = LayoutConfig(k=cfg.k, latent_after=cfg.latent_after)
     objects = set(object_token_ids(tok).tolist())
@@ -127,11 +135,12 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=32, help="records measured (the first LIMIT)")
     ap.add_argument("--seed", type=int, default=0, help="draws each step's other slot")
     ap.add_argument("--rows", type=Path, help="also append each line to this JSON-lines file")
+    ap.add_argument("--open", action="store_true", help="lift the bottleneck: the text sees the images too")
     args = ap.parse_args()
     torch.set_num_threads(1)
     records = load_records(args.records)[:args.limit]
     for ckpt in args.checkpoints:
-        row = {"checkpoint": str(ckpt), **masked(ckpt, records, args.seed)}
+        row = {"checkpoint": str(ckpt), "open": args.open, **masked(ckpt, records, args.seed, args.open)}
         print(json.dumps(row), flush=True)
         if args.rows:
             with args.rows.open("a") as f:
