@@ -25,6 +25,8 @@ from pathlib import Path
 
 import yaml
 
+from valr.trainer import read_log
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -51,7 +53,7 @@ def _run(config: Path, procs: int, threads: int, out: Path) -> float:
 
 
 def _rates(out: Path, warmup: int, global_batch: int) -> dict[str, float]:
-    rows = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()][warmup:]
+    rows = read_log(out)[warmup:]
     secs = sum(r["time_s"] for r in rows)
     return {"steps_per_s": len(rows) / secs, "records_per_s": len(rows) * global_batch / secs,
             "tokens_per_s": sum(r["tokens"] for r in rows) / secs, "s_per_step": secs / len(rows)}

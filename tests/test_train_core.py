@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from valr.config import ConfigError
 from valr.data.smoke import write_smoke_setup
 from valr.tiny import TinyShape
-from valr.trainer import NonFiniteLoss, TrainConfig, TrainError, TrainModule, load_train_config, train
+from valr.trainer import NonFiniteLoss, TrainConfig, TrainError, TrainModule, load_train_config, read_log, train
 
 SMALL = TinyShape(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64, vision_depth=1, vision_hidden=16,
                   vision_heads=1)
@@ -43,7 +43,7 @@ def _weights(final):
 
 
 def _history(out):
-    return [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
+    return read_log(out)
 
 
 def test_config_yaml_unknown_keys_with_lines_and_coercion(tmp_path):
@@ -311,3 +311,9 @@ def test_keep_best_keeps_the_lowest_validation_ce_across_a_resume(smoke, tmp_pat
     assert resume_from(2)["val/ce"] == -1.0 and not (out / "best.old").exists()
     with pytest.raises(ConfigError, match="keep_best: give val_data"):
         train(_cfg(smoke, tmp_path / "x", keep_best=True))
+
+
+def test_read_log_skips_blank_lines_and_missing_files(tmp_path):
+    assert read_log(tmp_path) == []
+    (tmp_path / "eval.jsonl").write_text('{"step": 1}\n\n{"step": 2}\n')
+    assert [r["step"] for r in read_log(tmp_path, "eval.jsonl")] == [1, 2]

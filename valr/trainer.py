@@ -384,6 +384,16 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def read_log(output_dir: str | Path, name: str = "history.jsonl") -> list[dict[str, Any]]:
+    """The rows a run logged to ``output_dir/name``: one per logged step (``history.jsonl``) or per validation
+    pass (``eval.jsonl``); [] before the first. For readers of a finished or stopped run (summaries, benchmarks,
+    plots); a resumed run has already dropped the rows of steps it redoes."""
+    path = Path(output_dir) / name
+    if not path.is_file():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
 def _format_entry_problems(entries, source, limit=20) -> str:
     from valr.data.check import format_problems
 

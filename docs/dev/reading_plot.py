@@ -18,14 +18,16 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from reading_run import load_history, window_mean  # docs/dev, beside this script  # noqa: E402
+from reading_run import window_mean  # docs/dev, beside this script  # noqa: E402
+
+from valr.trainer import read_log  # noqa: E402
 
 
 def means(run_out: Path, every: int = 100) -> tuple[list[int], list[float], list[float]]:
     """(step in all, CE, alignment) of the reading stage, each a mean over ``every`` steps."""
     warm = run_out / "align_first" / "run"
-    offset = max((h["step"] for h in load_history(warm)), default=0) if warm.is_dir() else 0
-    hist = load_history(run_out / "read" / "run")
+    offset = max((h["step"] for h in read_log(warm)), default=0) if warm.is_dir() else 0
+    hist = read_log(run_out / "read" / "run")
     steps, ce, align = [], [], []
     for end in range(every, hist[-1]["step"] + 1, every):
         m = window_mean(hist, end, every)

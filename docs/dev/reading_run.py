@@ -32,6 +32,7 @@ from valr.data import load_records
 from valr.demo.config import DemoConfig
 from valr.demo.stages import _train
 from valr.synth.teacher import teacher_spec
+from valr.trainer import read_log
 
 
 def stage0_model(run: Path) -> Path:
@@ -60,7 +61,7 @@ def report(start: Path, out: Path, records: Path, limit: int, since: int = 0, ro
         run = out / part / "run"
         if not run.is_dir():
             continue
-        history = load_history(run)
+        history = read_log(run)
         last = max((h["step"] for h in history), default=0)
         saved = [(int(c.name.split("-")[1]), c / "model") for c in sorted((run / "checkpoints").glob("step-*[0-9]"))]
         if (run / "final").is_dir() and last not in [s for s, _ in saved]:  # a finished run's last step
@@ -74,11 +75,6 @@ def report(start: Path, out: Path, records: Path, limit: int, since: int = 0, ro
                                          "train_align": train["align"], "train_ce": train["ce"]},
                  image_paths(str(ckpt), val), rows)
         offset += last
-
-
-def load_history(run: Path) -> list[dict]:
-    """The per-step rows the trainer wrote to ``run/history.jsonl``."""
-    return [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines() if x.strip()]
 
 
 def window_mean(history: list[dict], end: int, width: int) -> dict[str, float]:

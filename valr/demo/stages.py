@@ -240,10 +240,9 @@ def _train(cfg: DemoConfig, out: Path, *, model: Path, data: Path, stage: int, s
 
 
 def _history_summary(run_dir: Path) -> dict[str, Any]:
-    rows = []
-    hist = run_dir / "history.jsonl"
-    if hist.is_file():
-        rows = [json.loads(x) for x in hist.read_text().splitlines() if x.strip()]
+    from valr.trainer import read_log
+
+    rows = read_log(run_dir)
     out: dict[str, Any] = {"steps": len(rows)}
     if rows:
         w = max(1, min(20, len(rows) // 5))
@@ -256,9 +255,7 @@ def _history_summary(run_dir: Path) -> dict[str, Any]:
         out["curve"] = {k: [round(sum(r[k] for r in rows[i:i + w]) / len(rows[i:i + w]), 5)
                             for i in range(0, len(rows), w)]
                         for k in ("ce", "align") if all(k in r for r in rows) and any(r[k] > 0 for r in rows)}
-    ev = run_dir / "eval.jsonl"
-    if ev.is_file():
-        lines = [json.loads(x) for x in ev.read_text().splitlines() if x.strip()]
-        if lines:
-            out["val"] = lines[-1]
+    evals = read_log(run_dir, "eval.jsonl")
+    if evals:
+        out["val"] = evals[-1]
     return out
