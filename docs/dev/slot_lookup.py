@@ -5,8 +5,12 @@ grid, row-major); for a plain model (SFT) the 16 visual tokens of the step's vie
 a time (latent slots filled as in fast-mode training), eager attention, heads averaged. Per layer it prints the
 share of the candidates' attention that goes to the named cell, how often the named cell gets the most, and the
 candidates' share of all attention; chance for the first two is 1/16. ``--per-head``: per layer and head.
+``--values`` (twenty-eighth session, item 73) also weighs what each candidate adds to the attention's output
+(its weight times its value, through the output projection): the named cell's share of the candidates' summed
+contribution norms, and the norm of its value against the mean of the other candidates'.
 
     .venv/bin/python docs/dev/slot_lookup.py RECORDS [CHECKPOINT ...] [--plain CHECKPOINT ...] [--limit N] [--per-head]
+                                             [--values]
 
 RECORDS is a records file of the demo world (e.g. a run's chains/val.jsonl); the CHECKPOINTs are latent models
 (stage 2), those after --plain plain ones (stage 1, SFT).
@@ -15,6 +19,7 @@ RECORDS is a records file of the demo world (e.g. a run's chains/val.jsonl); the
 import argparse
 import json
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -29,16 +34,38 @@ from valr.tokens import LatentTokenIds
 ADDRESSED = re.compile(r"^#\d+ view (\d+) row (\d+) col (\d+): ")  # the cell is given, the object is read
 
 
+def filled_embeds(bb, batch, layer: int):
+    """The input embeddings of ``batch`` with each latent slot holding what fast-mode training feeds it, its
+    positions, and fast mode's output (whose ``hidden`` a pass over these embeddings must reproduce)."""
+    embeds, positions = decoder_inputs(bb, batch)
+    out = forward_latent(bb, batch, layer, "fast")
+    for seg, (b, s) in enumerate(out.segment_owner):
+        start = batch.segment_starts[b][s]
+        embeds[b, start:start + batch.k] = out.latent_inputs[seg]
+    return embeds, positions, out
+
+
+@contextmanager
+def captured_values(lm):
+    """Collects each decoder layer's value projection output, (B, L, kv_heads x head_dim), during the block."""
+    values: list[torch.Tensor] = []
+    hooks = [layer.self_attn.v_proj.register_forward_hook(lambda _m, _i, o: values.append(o.detach()))
+             for layer in lm.layers]
+    try:
+        yield values
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def attentions_with_latents(bb, batch, layer: int, latent: bool) -> torch.Tensor:
     """Eager attention weights, (layers, B, heads, L, L), of one teacher-forced pass over ``batch`` in which each
     latent slot holds what fast-mode training feeds it (under the image bottleneck, its mask)."""
     with torch.no_grad():
-        embeds, positions = decoder_inputs(bb, batch)
         if latent:
-            out = forward_latent(bb, batch, layer, "fast")
-            for seg, (b, s) in enumerate(out.segment_owner):
-                start = batch.segment_starts[b][s]
-                embeds[b, start:start + batch.k] = out.latent_inputs[seg]
+            embeds, positions, _ = filled_embeds(bb, batch, layer)
+        else:
+            embeds, positions = decoder_inputs(bb, batch)
         mask = full_mask(bb, batch)
         if mask.dim() == 4:
             mask = additive_mask(mask, embeds.dtype)
@@ -48,17 +75,43 @@ def attentions_with_latents(bb, batch, layer: int, latent: bool) -> torch.Tensor
     return torch.stack(att)
 
 
-def lookups(ckpt: Path, records: Path, limit: int, latent: bool, per_head: bool = False) -> dict:
+@torch.no_grad()
+def value_measures(bb, values: list[torch.Tensor], att: torch.Tensor, q: int, cands: list[int], right: int):
+    """Per layer and head (layers, heads): the named candidate's share of the candidates' summed contribution
+    norms (attention weight times the norm of its value through the output projection), and its value norm over
+    the mean of the others'. ``values`` the last pass's value projections, ``att`` its (layers, heads, L, L)."""
+    heads = att.shape[1]
+    share, ratio = torch.zeros(att.shape[:2]), torch.zeros(att.shape[:2])
+    for li, layer in enumerate(bb.lm.layers):
+        w_o = layer.self_attn.o_proj.weight
+        dim = w_o.shape[1] // heads
+        group = heads // (values[li].shape[-1] // dim)
+        for h in range(heads):
+            kv = h // group
+            v = values[li][0, cands, kv * dim:(kv + 1) * dim]
+            norms = (v @ w_o[:, h * dim:(h + 1) * dim].T).norm(dim=-1)
+            contrib = att[li, h, q, cands] * norms
+            share[li, h] = contrib[right] / contrib.sum()
+            others = torch.cat([norms[:right], norms[right + 1:]])
+            ratio[li, h] = norms[right] / others.mean()
+    return share, ratio
+
+
+def lookups(ckpt: Path, records: Path, limit: int, latent: bool, per_head: bool = False,
+            values: bool = False) -> dict:
     loaded = load_checkpoint(ckpt)
     bb, tok, cfg = loaded.backbone, loaded.tokenizer, loaded.config
     lat = LatentTokenIds.from_tokenizer(tok) if latent else None
     layout = LayoutConfig(k=cfg.k if latent else 0, latent_after=cfg.latent_after if latent else None)
     colon = tok.convert_tokens_to_ids(":")
     share, top, mass, n = None, None, None, 0
+    vshare, vratio = 0.0, 0.0
     for rec in load_records(records)[:limit]:
         batch = make_batch([rec], tok, bb, layout, lat)
-        att = attentions_with_latents(bb, batch, cfg.align_layer, latent)[:, 0]  # (layers, heads, L, L)
-        att = att if per_head else att.mean(1, keepdim=True)
+        with captured_values(bb.lm) as captured:
+            full = attentions_with_latents(bb, batch, cfg.align_layer, latent)[:, 0]  # (layers, heads, L, L)
+        last_pass = captured[-len(bb.lm.layers):]
+        att = full if per_head else full.mean(1, keepdim=True)
         images = (batch.input_ids[0] == bb.image_token_id).nonzero().flatten().tolist()
         for i, step in enumerate(rec.steps):
             m = ADDRESSED.match(step.text)
@@ -80,12 +133,19 @@ def lookups(ckpt: Path, records: Path, limit: int, latent: bool, per_head: bool 
             t = (a.argmax(-1) == right).float()
             share, top = (s, t) if share is None else (share + s, top + t)
             mass = a.sum(-1) if mass is None else mass + a.sum(-1)
+            if values:
+                vs, vr = value_measures(bb, last_pass, full, q, cands, right)
+                vshare, vratio = vshare + vs, vratio + vr
             n += 1
     def r(x: torch.Tensor) -> list:
         rows = [[round(float(v) / max(n, 1), 4) for v in layer] for layer in x]
         return rows if per_head else [layer[0] for layer in rows]
 
-    return {"lookups": n, "share_on_named_cell": r(share), "named_cell_top": r(top), "candidates_share": r(mass)}
+    out = {"lookups": n, "share_on_named_cell": r(share), "named_cell_top": r(top), "candidates_share": r(mass)}
+    if values:  # heads averaged unless per_head
+        out["value_share_on_named_cell"] = r(vshare if per_head else vshare.mean(1, keepdim=True))
+        out["named_value_norm_over_others"] = r(vratio if per_head else vratio.mean(1, keepdim=True))
+    return out
 
 
 def main() -> None:
@@ -95,10 +155,12 @@ def main() -> None:
     ap.add_argument("--plain", type=Path, nargs="+", default=[], help="plain models (stage 1, SFT)")
     ap.add_argument("--limit", type=int, default=64)
     ap.add_argument("--per-head", action="store_true", help="one value per layer and head instead of heads averaged")
+    ap.add_argument("--values", action="store_true", help="also weigh each candidate's value (see above)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     for ckpt, latent in [(c, True) for c in args.checkpoints] + [(c, False) for c in args.plain]:
-        print(ckpt, json.dumps(lookups(ckpt, args.records, args.limit, latent, args.per_head)), flush=True)
+        print(ckpt, json.dumps(lookups(ckpt, args.records, args.limit, latent, args.per_head, args.values)),
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -29,31 +29,26 @@ view ("none" against "segment")?
 import argparse
 import json
 import random
-import re
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from slot_lookup import ADDRESSED, filled_embeds  # docs/dev, beside this script
 
 from valr.backbones.base import causal_mask
 from valr.checkpoint import load_checkpoint
 from valr.data import LayoutConfig, load_records, make_batch
 from valr.demo.probes import object_token_ids, with_swapped_images
-from valr.engine import decoder_inputs, forward_latent, full_mask
+from valr.engine import full_mask
 from valr.tokens import LatentTokenIds
 
-ADDRESSED = re.compile(r"^#\d+ view (\d+) row (\d+) col (\d+): ")
 CONDITIONS = ("all", "segment", "named", "without_named", "other", "without_other", "none", "swapped")
 
 
 def filled_inputs(bb, batch, layer: int):
     """Input embeddings with each latent slot holding what fast-mode training feeds it, the positions, the
-    training mask and fast mode's last hidden states (to check the pass below against)."""
-    embeds, positions = decoder_inputs(bb, batch)
-    out = forward_latent(bb, batch, layer, "fast")
-    for seg, (b, s) in enumerate(out.segment_owner):
-        start = batch.segment_starts[b][s]
-        embeds[b, start:start + batch.k] = out.latent_inputs[seg]
+    training mask as a (B, 1, L, L) boolean and fast mode's last hidden states (to check the pass below against)."""
+    embeds, positions, out = filled_embeds(bb, batch, layer)
     mask = full_mask(bb, batch)
     return embeds, positions, causal_mask(mask) if mask.dim() == 2 else mask, out.hidden
 
