@@ -7,7 +7,10 @@ share of the candidates' attention that goes to the named cell, how often the na
 candidates' share of all attention; chance for the first two is 1/16. ``--per-head``: per layer and head.
 ``--values`` (twenty-eighth session, item 73) also weighs what each candidate adds to the attention's output
 (its weight times its value, through the output projection): the named cell's share of the candidates' summed
-contribution norms, and the norm of its value against the mean of the other candidates'.
+contribution norms, and the norm of its value against the mean of the other candidates'; and for the three
+object words after the cell (size, colour, shape), what each head's contributions from the named candidate and
+from the others add to the right word's logit over the mean logit of its kind (final norm taken as linear at its
+actual scale).
 
     .venv/bin/python docs/dev/slot_lookup.py RECORDS [CHECKPOINT ...] [--plain CHECKPOINT ...] [--limit N] [--per-head]
                                              [--values]
@@ -29,6 +32,7 @@ from valr.checkpoint import load_checkpoint
 from valr.data import LayoutConfig, load_records, make_batch
 from valr.diagnostics.common import eager_attention
 from valr.engine import decoder_inputs, forward_latent, full_mask
+from valr.synth.world import COLOURS, SHAPES, SIZES
 from valr.tokens import LatentTokenIds
 
 ADDRESSED = re.compile(r"^#\d+ view (\d+) row (\d+) col (\d+): ")  # the cell is given, the object is read
@@ -47,15 +51,62 @@ def filled_embeds(bb, batch, layer: int):
 
 @contextmanager
 def captured_values(lm):
-    """Collects each decoder layer's value projection output, (B, L, kv_heads x head_dim), during the block."""
+    """Collects each decoder layer's value projection output, (B, L, kv_heads x head_dim), during the block, and
+    last the final norm's input (the residual stream before it)."""
     values: list[torch.Tensor] = []
     hooks = [layer.self_attn.v_proj.register_forward_hook(lambda _m, _i, o: values.append(o.detach()))
              for layer in lm.layers]
+    hooks.append(lm.norm.register_forward_hook(lambda _m, i, _o: values.append(i[0].detach())))
     try:
         yield values
     finally:
         for h in hooks:
             h.remove()
+
+
+def head_contributions(bb, values: list[torch.Tensor], att: torch.Tensor, q: int, cands: list[int]):
+    """(layers, heads, candidates, D): what each head adds to position ``q``'s residual stream from each
+    candidate (attention weight times value through the output projection)."""
+    heads = att.shape[1]
+    out = []
+    for li, layer in enumerate(bb.lm.layers):
+        w_o = layer.self_attn.o_proj.weight
+        dim = w_o.shape[1] // heads
+        group = heads // (values[li].shape[-1] // dim)
+        per_head = []
+        for h in range(heads):
+            kv = h // group
+            v = values[li][0, cands, kv * dim:(kv + 1) * dim] @ w_o[:, h * dim:(h + 1) * dim].T
+            per_head.append(att[li, h, q, cands, None] * v)
+        out.append(torch.stack(per_head))
+    return torch.stack(out)
+
+
+WORD_KINDS = (SIZES, COLOURS, SHAPES)
+
+
+@torch.no_grad()
+def logit_measures(bb, tok, values: list[torch.Tensor], att: torch.Tensor, ids: torch.Tensor, q: int,
+                   cands: list[int], right: int):
+    """(layers, heads) twice: summed over the object words predicted at ``q`` (the colon) and the two words
+    after it, the named candidate's and the other candidates' contributions to the right word's logit minus
+    the mean logit of its kind (sizes, colours or shapes)."""
+    w_u, gain = bb.model.lm_head.weight, bb.lm.norm.weight
+    pre_norm = values[-1][0]
+    named, others = 0.0, 0.0
+    for p in (q, q + 1, q + 2):
+        target = int(ids[p + 1])
+        kind = next(k for k in WORD_KINDS if target in _kind_ids(tok, k))
+        direction = w_u[target] - w_u[_kind_ids(tok, kind)].mean(0)
+        scale = gain / pre_norm[p].pow(2).mean().add(bb.lm.norm.variance_epsilon).sqrt()
+        d = head_contributions(bb, values, att, p, cands) @ (scale * direction)  # (layers, heads, candidates)
+        named = named + d[..., right]
+        others = others + d.sum(-1) - d[..., right]
+    return named, others
+
+
+def _kind_ids(tok, words) -> list[int]:
+    return [tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in words]
 
 
 def attentions_with_latents(bb, batch, layer: int, latent: bool) -> torch.Tensor:
@@ -80,21 +131,11 @@ def value_measures(bb, values: list[torch.Tensor], att: torch.Tensor, q: int, ca
     """Per layer and head (layers, heads): the named candidate's share of the candidates' summed contribution
     norms (attention weight times the norm of its value through the output projection), and its value norm over
     the mean of the others'. ``values`` the last pass's value projections, ``att`` its (layers, heads, L, L)."""
-    heads = att.shape[1]
-    share, ratio = torch.zeros(att.shape[:2]), torch.zeros(att.shape[:2])
-    for li, layer in enumerate(bb.lm.layers):
-        w_o = layer.self_attn.o_proj.weight
-        dim = w_o.shape[1] // heads
-        group = heads // (values[li].shape[-1] // dim)
-        for h in range(heads):
-            kv = h // group
-            v = values[li][0, cands, kv * dim:(kv + 1) * dim]
-            norms = (v @ w_o[:, h * dim:(h + 1) * dim].T).norm(dim=-1)
-            contrib = att[li, h, q, cands] * norms
-            share[li, h] = contrib[right] / contrib.sum()
-            others = torch.cat([norms[:right], norms[right + 1:]])
-            ratio[li, h] = norms[right] / others.mean()
-    return share, ratio
+    contrib = head_contributions(bb, values, att, q, cands).norm(dim=-1)  # (layers, heads, candidates)
+    weights = att[:, :, q, cands]
+    norms = contrib / weights.clamp_min(1e-30)
+    others = torch.cat([norms[..., :right], norms[..., right + 1:]], -1)
+    return contrib[..., right] / contrib.sum(-1), norms[..., right] / others.mean(-1)
 
 
 def lookups(ckpt: Path, records: Path, limit: int, latent: bool, per_head: bool = False,
@@ -105,12 +146,12 @@ def lookups(ckpt: Path, records: Path, limit: int, latent: bool, per_head: bool 
     layout = LayoutConfig(k=cfg.k if latent else 0, latent_after=cfg.latent_after if latent else None)
     colon = tok.convert_tokens_to_ids(":")
     share, top, mass, n = None, None, None, 0
-    vshare, vratio = 0.0, 0.0
+    vshare, vratio, lnamed, lothers = 0.0, 0.0, 0.0, 0.0
     for rec in load_records(records)[:limit]:
         batch = make_batch([rec], tok, bb, layout, lat)
         with captured_values(bb.lm) as captured:
             full = attentions_with_latents(bb, batch, cfg.align_layer, latent)[:, 0]  # (layers, heads, L, L)
-        last_pass = captured[-len(bb.lm.layers):]
+        last_pass = captured[-len(bb.lm.layers) - 1:]  # the last pass's values and final-norm input
         att = full if per_head else full.mean(1, keepdim=True)
         images = (batch.input_ids[0] == bb.image_token_id).nonzero().flatten().tolist()
         for i, step in enumerate(rec.steps):
@@ -135,7 +176,8 @@ def lookups(ckpt: Path, records: Path, limit: int, latent: bool, per_head: bool 
             mass = a.sum(-1) if mass is None else mass + a.sum(-1)
             if values:
                 vs, vr = value_measures(bb, last_pass, full, q, cands, right)
-                vshare, vratio = vshare + vs, vratio + vr
+                ln, lo = logit_measures(bb, tok, last_pass, full, batch.input_ids[0], q, cands, right)
+                vshare, vratio, lnamed, lothers = vshare + vs, vratio + vr, lnamed + ln, lothers + lo
             n += 1
     def r(x: torch.Tensor) -> list:
         rows = [[round(float(v) / max(n, 1), 4) for v in layer] for layer in x]
@@ -145,6 +187,9 @@ def lookups(ckpt: Path, records: Path, limit: int, latent: bool, per_head: bool 
     if values:  # heads averaged unless per_head
         out["value_share_on_named_cell"] = r(vshare if per_head else vshare.mean(1, keepdim=True))
         out["named_value_norm_over_others"] = r(vratio if per_head else vratio.mean(1, keepdim=True))
+        # logit gains, per lookup (three words), heads summed unless per_head
+        out["logit_from_named"] = r(lnamed if per_head else lnamed.sum(1, keepdim=True))
+        out["logit_from_others"] = r(lothers if per_head else lothers.sum(1, keepdim=True))
     return out
 
 
