@@ -88,12 +88,13 @@ WORD_KINDS = (SIZES, COLOURS, SHAPES)
 @torch.no_grad()
 def logit_measures(bb, tok, values: list[torch.Tensor], att: torch.Tensor, ids: torch.Tensor, q: int,
                    cands: list[int], right: int):
-    """(layers, heads) twice: summed over the object words predicted at ``q`` (the colon) and the two words
+    """(layers, heads) three times: summed over the object words predicted at ``q`` (the colon) and the two words
     after it, the named candidate's and the other candidates' contributions to the right word's logit minus
-    the mean logit of its kind (sizes, colours or shapes)."""
+    the mean logit of its kind (sizes, colours or shapes), and the others' summed absolute contributions (large
+    against their sum: they cancel; small: each is neutral)."""
     w_u, gain = bb.model.lm_head.weight, bb.lm.norm.weight
     pre_norm = values[-1][0]
-    named, others = 0.0, 0.0
+    named, others, others_abs = 0.0, 0.0, 0.0
     for p in (q, q + 1, q + 2):
         target = int(ids[p + 1])
         kind = next(k for k in WORD_KINDS if target in _kind_ids(tok, k))
@@ -102,7 +103,8 @@ def logit_measures(bb, tok, values: list[torch.Tensor], att: torch.Tensor, ids: 
         d = head_contributions(bb, values, att, p, cands) @ (scale * direction)  # (layers, heads, candidates)
         named = named + d[..., right]
         others = others + d.sum(-1) - d[..., right]
-    return named, others
+        others_abs = others_abs + d.abs().sum(-1) - d[..., right].abs()
+    return named, others, others_abs
 
 
 def _kind_ids(tok, words) -> list[int]:
@@ -146,7 +148,7 @@ def lookups(ckpt: Path, records: Path, limit: int, latent: bool, per_head: bool 
     layout = LayoutConfig(k=cfg.k if latent else 0, latent_after=cfg.latent_after if latent else None)
     colon = tok.convert_tokens_to_ids(":")
     share, top, mass, n = None, None, None, 0
-    vshare, vratio, lnamed, lothers = 0.0, 0.0, 0.0, 0.0
+    vshare, vratio, lnamed, lothers, labs = 0.0, 0.0, 0.0, 0.0, 0.0
     for rec in load_records(records)[:limit]:
         batch = make_batch([rec], tok, bb, layout, lat)
         with captured_values(bb.lm) as captured:
@@ -176,8 +178,8 @@ def lookups(ckpt: Path, records: Path, limit: int, latent: bool, per_head: bool 
             mass = a.sum(-1) if mass is None else mass + a.sum(-1)
             if values:
                 vs, vr = value_measures(bb, last_pass, full, q, cands, right)
-                ln, lo = logit_measures(bb, tok, last_pass, full, batch.input_ids[0], q, cands, right)
-                vshare, vratio, lnamed, lothers = vshare + vs, vratio + vr, lnamed + ln, lothers + lo
+                ln, lo, la = logit_measures(bb, tok, last_pass, full, batch.input_ids[0], q, cands, right)
+                vshare, vratio, lnamed, lothers, labs = vshare + vs, vratio + vr, lnamed + ln, lothers + lo, labs + la
             n += 1
     def r(x: torch.Tensor) -> list:
         rows = [[round(float(v) / max(n, 1), 4) for v in layer] for layer in x]
@@ -190,6 +192,7 @@ def lookups(ckpt: Path, records: Path, limit: int, latent: bool, per_head: bool 
         # logit gains, per lookup (three words), heads summed unless per_head
         out["logit_from_named"] = r(lnamed if per_head else lnamed.sum(1, keepdim=True))
         out["logit_from_others"] = r(lothers if per_head else lothers.sum(1, keepdim=True))
+        out["logit_from_others_abs"] = r(labs if per_head else labs.sum(1, keepdim=True))
     return out
 
 

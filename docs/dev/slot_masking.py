@@ -18,17 +18,23 @@ Printed per checkpoint: the share of the named object's words (size, colour, sha
 and their CE. If the named slot alone reads as well as the segment, the cell lives in its slot; if the segment
 without it reads as well, it is spread over the others.
 
+``--shift-question`` moves every cell the question names one column over (the steps still name the true
+cells): the slots, which see the question, then know a wrong cell is coming. If the text's reading falls,
+the latents pick the named cell from the question before the step's text reads it.
+
 ``--open`` lifts the bottleneck (the slots computed and the text read with every token seeing the images):
 does a text that learned to read its latents under the bottleneck still take from them when the image is in
 view ("none" against "segment")?
 
     .venv/bin/python docs/dev/slot_masking.py RECORDS CHECKPOINT [CHECKPOINT ...] [--limit 32] [--rows FILE]
-                                              [--open]
+                                              [--open] [--shift-question]
 """
 
 import argparse
+import dataclasses
 import json
 import random
+import re
 from pathlib import Path
 
 import torch
@@ -51,6 +57,11 @@ def filled_inputs(bb, batch, layer: int):
     embeds, positions, out = filled_embeds(bb, batch, layer)
     mask = full_mask(bb, batch)
     return embeds, positions, causal_mask(mask) if mask.dim() == 2 else mask, out.hidden
+
+
+def shifted_question(question: str, side: int = 4) -> str:
+    """The question with every named cell one column over (wrapping), rows kept."""
+    return re.sub(r"row (\d+) col (\d+)", lambda m: f"row {m[1]} col {int(m[2]) % side + 1}", question)
 
 
 def hidden_columns(condition: str, own: list[int], named: int, other: int, slots: list[int]) -> list[int]:
@@ -131,11 +142,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="draws each step's other slot")
     ap.add_argument("--rows", type=Path, help="also append each line to this JSON-lines file")
     ap.add_argument("--open", action="store_true", help="lift the bottleneck: the text sees the images too")
+    ap.add_argument("--shift-question", action="store_true", help="the question names each cell one column over")
     args = ap.parse_args()
     torch.set_num_threads(1)
     records = load_records(args.records)[:args.limit]
+    if args.shift_question:
+        records = [dataclasses.replace(r, question=shifted_question(r.question)) for r in records]
     for ckpt in args.checkpoints:
-        row = {"checkpoint": str(ckpt), "open": args.open, **masked(ckpt, records, args.seed, args.open)}
+        row = {"checkpoint": str(ckpt), "open": args.open, "shift_question": args.shift_question,
+               **masked(ckpt, records, args.seed, args.open)}
         print(json.dumps(row), flush=True)
         if args.rows:
             with args.rows.open("a") as f:
