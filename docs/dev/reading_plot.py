@@ -26,7 +26,7 @@ from valr.trainer import read_log  # noqa: E402
 def means(run_out: Path, every: int = 100) -> tuple[list[int], list[float], list[float]]:
     """(step in all, CE, alignment) of the reading stage, each a mean over ``every`` steps."""
     warm = run_out / "align_first" / "run"
-    offset = max((h["step"] for h in read_log(warm)), default=0) if warm.is_dir() else 0
+    offset = max((h["step"] for h in read_log(warm)), default=0)  # 0 without a warm-up
     hist = read_log(run_out / "read" / "run")
     steps, ce, align = [], [], []
     for end in range(every, hist[-1]["step"] + 1, every):

@@ -64,51 +64,45 @@ def captured_values(lm):
             h.remove()
 
 
-def head_contributions(bb, values: list[torch.Tensor], att: torch.Tensor, q: int, cands: list[int]):
-    """(layers, heads, candidates, D): what each head adds to position ``q``'s residual stream from each
-    candidate (attention weight times value through the output projection)."""
-    heads = att.shape[1]
+@torch.no_grad()
+def value_outputs(bb, values: list[torch.Tensor], heads: int, cands: list[int]) -> torch.Tensor:
+    """(layers, heads, candidates, D): each candidate's value through each head's share of the output
+    projection, what the head adds to a position's residual stream per unit of attention on it."""
     out = []
     for li, layer in enumerate(bb.lm.layers):
         w_o = layer.self_attn.o_proj.weight
         dim = w_o.shape[1] // heads
         group = heads // (values[li].shape[-1] // dim)
-        per_head = []
-        for h in range(heads):
-            kv = h // group
-            v = values[li][0, cands, kv * dim:(kv + 1) * dim] @ w_o[:, h * dim:(h + 1) * dim].T
-            per_head.append(att[li, h, q, cands, None] * v)
-        out.append(torch.stack(per_head))
+        out.append(torch.stack([values[li][0, cands, (h // group) * dim:(h // group + 1) * dim]
+                                @ w_o[:, h * dim:(h + 1) * dim].T for h in range(heads)]))
     return torch.stack(out)
 
 
-WORD_KINDS = (SIZES, COLOURS, SHAPES)
+def word_kinds(tok) -> list[list[int]]:
+    """The token ids of the world's sizes, colours and shapes, one list per kind."""
+    return [[tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in kind] for kind in (SIZES, COLOURS, SHAPES)]
 
 
 @torch.no_grad()
-def logit_measures(bb, tok, values: list[torch.Tensor], att: torch.Tensor, ids: torch.Tensor, q: int,
-                   cands: list[int], right: int):
+def logit_measures(bb, kinds: list[list[int]], outputs: torch.Tensor, pre_norm: torch.Tensor, att: torch.Tensor,
+                   ids: torch.Tensor, q: int, cands: list[int], right: int):
     """(layers, heads) three times: summed over the object words predicted at ``q`` (the colon) and the two words
     after it, the named candidate's and the other candidates' contributions to the right word's logit minus
     the mean logit of its kind (sizes, colours or shapes), and the others' summed absolute contributions (large
-    against their sum: they cancel; small: each is neutral)."""
+    against their sum: they cancel; small: each is neutral). ``outputs`` from value_outputs, ``pre_norm`` the
+    final norm's input (L, D)."""
     w_u, gain = bb.model.lm_head.weight, bb.lm.norm.weight
-    pre_norm = values[-1][0]
     named, others, others_abs = 0.0, 0.0, 0.0
     for p in (q, q + 1, q + 2):
         target = int(ids[p + 1])
-        kind = next(k for k in WORD_KINDS if target in _kind_ids(tok, k))
-        direction = w_u[target] - w_u[_kind_ids(tok, kind)].mean(0)
+        kind = next(k for k in kinds if target in k)
+        direction = w_u[target] - w_u[kind].mean(0)
         scale = gain / pre_norm[p].pow(2).mean().add(bb.lm.norm.variance_epsilon).sqrt()
-        d = head_contributions(bb, values, att, p, cands) @ (scale * direction)  # (layers, heads, candidates)
+        d = att[:, :, p, cands] * (outputs @ (scale * direction))  # (layers, heads, candidates)
         named = named + d[..., right]
         others = others + d.sum(-1) - d[..., right]
         others_abs = others_abs + d.abs().sum(-1) - d[..., right].abs()
     return named, others, others_abs
-
-
-def _kind_ids(tok, words) -> list[int]:
-    return [tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in words]
 
 
 def attentions_with_latents(bb, batch, layer: int, latent: bool) -> torch.Tensor:
@@ -129,13 +123,12 @@ def attentions_with_latents(bb, batch, layer: int, latent: bool) -> torch.Tensor
 
 
 @torch.no_grad()
-def value_measures(bb, values: list[torch.Tensor], att: torch.Tensor, q: int, cands: list[int], right: int):
+def value_measures(outputs: torch.Tensor, att: torch.Tensor, q: int, cands: list[int], right: int):
     """Per layer and head (layers, heads): the named candidate's share of the candidates' summed contribution
     norms (attention weight times the norm of its value through the output projection), and its value norm over
-    the mean of the others'. ``values`` the last pass's value projections, ``att`` its (layers, heads, L, L)."""
-    contrib = head_contributions(bb, values, att, q, cands).norm(dim=-1)  # (layers, heads, candidates)
-    weights = att[:, :, q, cands]
-    norms = contrib / weights.clamp_min(1e-30)
+    the mean of the others'. ``outputs`` from value_outputs, ``att`` the pass's (layers, heads, L, L)."""
+    norms = outputs.norm(dim=-1)  # (layers, heads, candidates)
+    contrib = att[:, :, q, cands] * norms
     others = torch.cat([norms[..., :right], norms[..., right + 1:]], -1)
     return contrib[..., right] / contrib.sum(-1), norms[..., right] / others.mean(-1)
 
@@ -149,11 +142,12 @@ def lookups(ckpt: Path, records: Path, limit: int, latent: bool, per_head: bool 
     colon = tok.convert_tokens_to_ids(":")
     share, top, mass, n = None, None, None, 0
     vshare, vratio, lnamed, lothers, labs = 0.0, 0.0, 0.0, 0.0, 0.0
+    kinds = word_kinds(tok) if values else []
     for rec in load_records(records)[:limit]:
         batch = make_batch([rec], tok, bb, layout, lat)
         with captured_values(bb.lm) as captured:
             full = attentions_with_latents(bb, batch, cfg.align_layer, latent)[:, 0]  # (layers, heads, L, L)
-        last_pass = captured[-len(bb.lm.layers) - 1:]  # the last pass's values and final-norm input
+        *last_values, pre_norm = captured[-len(bb.lm.layers) - 1:]  # the last pass's values, final-norm input
         att = full if per_head else full.mean(1, keepdim=True)
         images = (batch.input_ids[0] == bb.image_token_id).nonzero().flatten().tolist()
         for i, step in enumerate(rec.steps):
@@ -177,8 +171,10 @@ def lookups(ckpt: Path, records: Path, limit: int, latent: bool, per_head: bool 
             share, top = (s, t) if share is None else (share + s, top + t)
             mass = a.sum(-1) if mass is None else mass + a.sum(-1)
             if values:
-                vs, vr = value_measures(bb, last_pass, full, q, cands, right)
-                ln, lo, la = logit_measures(bb, tok, last_pass, full, batch.input_ids[0], q, cands, right)
+                outputs = value_outputs(bb, last_values, full.shape[1], cands)
+                vs, vr = value_measures(outputs, full, q, cands, right)
+                ln, lo, la = logit_measures(bb, kinds, outputs, pre_norm[0], full, batch.input_ids[0], q, cands,
+                                            right)
                 vshare, vratio, lnamed, lothers, labs = vshare + vs, vratio + vr, lnamed + ln, lothers + lo, labs + la
             n += 1
     def r(x: torch.Tensor) -> list:
