@@ -10,10 +10,14 @@ candidates' share of all attention; chance for the first two is 1/16. ``--per-he
 contribution norms, and the norm of its value against the mean of the other candidates'; and for the three
 object words after the cell (size, colour, shape), what each head's contributions from the named candidate and
 from the others add to the right word's logit over the mean logit of its kind (final norm taken as linear at its
-actual scale).
+actual scale). ``--own`` (twenty-ninth session) asks whether the other candidates' values carry their own
+cells' objects, using the world's labels.npz (beside the records' images): per unit of attention, what the named
+candidate adds to its own (the right) words' margins and what each other candidate holding an object adds to
+that object's words' margins (the same three predictions), and the mean attention on the named candidate, on
+each other candidate holding an object and on each empty one.
 
     .venv/bin/python docs/dev/slot_lookup.py RECORDS [CHECKPOINT ...] [--plain CHECKPOINT ...] [--limit N] [--per-head]
-                                             [--values]
+                                             [--values] [--own]
 
 RECORDS is a records file of the demo world (e.g. a run's chains/val.jsonl); the CHECKPOINTs are latent models
 (stage 2), those after --plain plain ones (stage 1, SFT).
@@ -25,6 +29,7 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from valr.backbones.base import additive_mask
@@ -32,6 +37,7 @@ from valr.checkpoint import load_checkpoint
 from valr.data import LayoutConfig, load_records, make_batch
 from valr.diagnostics.common import eager_attention
 from valr.engine import decoder_inputs, forward_latent, full_mask
+from valr.synth.dataset import load_labels
 from valr.synth.world import COLOURS, SHAPES, SIZES
 from valr.tokens import LatentTokenIds
 
@@ -105,6 +111,55 @@ def logit_measures(bb, kinds: list[list[int]], outputs: torch.Tensor, pre_norm: 
     return named, others, others_abs
 
 
+class CellLabels:
+    """A view's cell labels from the labels.npz of the world the records' images live in
+    (``world/images/SPLIT/NAME.png``): as classes, or as each cell's object word ids per kind."""
+
+    KEYS = ("present", "size", "colour", "shape")
+
+    def __init__(self, tok, world: Path):
+        self.z = load_labels(world)
+        self.rows = {str(p): i for i, p in enumerate(self.z["paths"])}
+        self.ids = [[tok(" " + str(w), add_special_tokens=False)["input_ids"][0] for w in self.z[f"{k}_names"]]
+                    for k in self.KEYS[1:]]
+
+    def classes(self, image: Path) -> np.ndarray:
+        """(4, cells) row-major: presence, then the size, colour and shape class (-1 where empty)."""
+        i = self.rows["/".join(image.parts[-3:])]
+        return np.stack([self.z[k][i].reshape(-1).astype(np.int64) for k in self.KEYS])
+
+    def cells(self, image: Path) -> list[tuple[int, int, int] | None]:
+        """Per cell the object's size, colour and shape word ids, or None where the cell is empty."""
+        present, *kinds = self.classes(image)
+        return [tuple(ids[c] for ids, c in zip(self.ids, cls, strict=True)) if p else None
+                for p, *cls in zip(present, *kinds, strict=True)]
+
+
+@torch.no_grad()
+def own_word_measures(bb, kinds: list[list[int]], outputs: torch.Tensor, pre_norm: torch.Tensor,
+                      att_rows: torch.Tensor, ids: torch.Tensor, q: int, cells: list, right: int):
+    """Per layer, head and word (layers, heads, 3): the named candidate's margin for its own word per unit of
+    attention, the mean of the same for each other candidate holding an object (its object's word of that kind,
+    predicted at the same position), and the attention weight on the named candidate, on each other
+    candidate holding an object and on each empty one. ``att_rows`` is (layers, heads, 3, candidates) at
+    the three positions."""
+    w_u, gain = bb.model.lm_head.weight, bb.lm.norm.weight
+    unit = []
+    for j, p in enumerate((q, q + 1, q + 2)):
+        assert cells[right][j] == int(ids[p + 1]), "the labels do not match the step's text"
+        scale = gain / pre_norm[p].pow(2).mean().add(bb.lm.norm.variance_epsilon).sqrt()
+        kind = kinds[j]
+        words = torch.tensor([c[j] if c else kind[0] for c in cells])
+        directions = w_u[words] - w_u[kind].mean(0)  # (candidates, D)
+        unit.append((outputs * (scale * directions)).sum(-1))  # (layers, heads, candidates)
+    unit = torch.stack(unit, -1)  # (layers, heads, candidates, 3)
+    occupied = [i for i, c in enumerate(cells) if c and i != right]
+    empty = [i for i, c in enumerate(cells) if not c]
+    nans = torch.full_like(att_rows[..., 0], float("nan"))
+    return (unit[..., right, :], unit[..., occupied, :].mean(-2) if occupied else nans, att_rows[..., right],
+            att_rows[..., occupied].mean(-1) if occupied else nans, att_rows[..., empty].mean(-1) if empty else nans)
+
+
 def attentions_with_latents(bb, batch, layer: int, latent: bool) -> torch.Tensor:
     """Eager attention weights, (layers, B, heads, L, L), of one teacher-forced pass over ``batch`` in which each
     latent slot holds what fast-mode training feeds it (under the image bottleneck, its mask)."""
@@ -134,7 +189,7 @@ def value_measures(outputs: torch.Tensor, att: torch.Tensor, q: int, cands: list
 
 
 def lookups(ckpt: Path, records: Path, limit: int, latent: bool, per_head: bool = False,
-            values: bool = False) -> dict:
+            values: bool = False, own: bool = False) -> dict:
     loaded = load_checkpoint(ckpt)
     bb, tok, cfg = loaded.backbone, loaded.tokenizer, loaded.config
     lat = LatentTokenIds.from_tokenizer(tok) if latent else None
@@ -142,7 +197,8 @@ def lookups(ckpt: Path, records: Path, limit: int, latent: bool, per_head: bool 
     colon = tok.convert_tokens_to_ids(":")
     share, top, mass, n = None, None, None, 0
     vshare, vratio, lnamed, lothers, labs = 0.0, 0.0, 0.0, 0.0, 0.0
-    kinds = word_kinds(tok) if values else []
+    kinds = word_kinds(tok) if values or own else []
+    own_sums, own_counts, labels = None, None, None
     for rec in load_records(records)[:limit]:
         batch = make_batch([rec], tok, bb, layout, lat)
         with captured_values(bb.lm) as captured:
@@ -176,6 +232,17 @@ def lookups(ckpt: Path, records: Path, limit: int, latent: bool, per_head: bool 
                 ln, lo, la = logit_measures(bb, kinds, outputs, pre_norm[0], full, batch.input_ids[0], q, cands,
                                             right)
                 vshare, vratio, lnamed, lothers, labs = vshare + vs, vratio + vr, lnamed + ln, lothers + lo, labs + la
+            if own:
+                labels = labels or CellLabels(tok, rec.images[view].parents[2])
+                cells = labels.cells(rec.images[view])
+                assert cells[right] is not None, f"{rec.id}: step {i + 1} names an empty cell"
+                outputs = value_outputs(bb, last_values, full.shape[1], cands)
+                got = own_word_measures(bb, kinds, outputs, pre_norm[0], full[:, :, q:q + 3][..., cands],
+                                         batch.input_ids[0], q, cells, right)
+                ok = [(~torch.isnan(g)).float() for g in got]
+                got = [torch.nan_to_num(g) for g in got]
+                own_sums = got if own_sums is None else [a + g for a, g in zip(own_sums, got, strict=True)]
+                own_counts = ok if own_counts is None else [a + o for a, o in zip(own_counts, ok, strict=True)]
             n += 1
     def r(x: torch.Tensor) -> list:
         rows = [[round(float(v) / max(n, 1), 4) for v in layer] for layer in x]
@@ -189,7 +256,17 @@ def lookups(ckpt: Path, records: Path, limit: int, latent: bool, per_head: bool 
         out["logit_from_named"] = r(lnamed if per_head else lnamed.sum(1, keepdim=True))
         out["logit_from_others"] = r(lothers if per_head else lothers.sum(1, keepdim=True))
         out["logit_from_others_abs"] = r(labs if per_head else labs.sum(1, keepdim=True))
+    if own:  # heads averaged unless per_head, each a mean over the lookups that have it; attention per word
+        names = ("own_unit_named", "own_unit_occupied_others", "attention_named", "attention_occupied_other",
+                 "attention_empty_other")
+        for name, a, c in zip(names, own_sums, own_counts, strict=True):
+            m = a / c.clamp(min=1)
+            out[name] = rounded((m if per_head else m.mean(1)).tolist())
     return out
+
+
+def rounded(x):
+    return [rounded(v) for v in x] if isinstance(x, list) else round(x, 4)
 
 
 def main() -> None:
@@ -200,10 +277,13 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=64)
     ap.add_argument("--per-head", action="store_true", help="one value per layer and head instead of heads averaged")
     ap.add_argument("--values", action="store_true", help="also weigh each candidate's value (see above)")
+    ap.add_argument("--own", action="store_true",
+                    help="also each other candidate's margin for its own object (see above)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     for ckpt, latent in [(c, True) for c in args.checkpoints] + [(c, False) for c in args.plain]:
-        print(ckpt, json.dumps(lookups(ckpt, args.records, args.limit, latent, args.per_head, args.values)),
+        print(ckpt, json.dumps(lookups(ckpt, args.records, args.limit, latent, args.per_head, args.values,
+                                                   args.own)),
               flush=True)
 
 

@@ -15,8 +15,9 @@ themselves are computed as in training. Conditions (other steps' segments hidden
     swapped        ``all`` with the next record's images (the floor: nothing read from the image)
 
 Printed per checkpoint: the share of the named object's words (size, colour, shape) predicted right (argmax)
-and their CE. If the named slot alone reads as well as the segment, the cell lives in its slot; if the segment
-without it reads as well, it is spread over the others.
+and their CE, and (twenty-ninth session) the share right per kind of word (``right_by_kind``: sizes, colours,
+shapes; chance 1/2, 1/6, 1/5). If the named slot alone reads as well as the segment, the cell lives in its
+slot; if the segment without it reads as well, it is spread over the others.
 
 ``--shift-question`` moves every cell the question names one column over (the steps still name the true
 cells): the slots, which see the question, then know a wrong cell is coming. If the text's reading falls,
@@ -39,7 +40,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from slot_lookup import ADDRESSED, filled_embeds  # docs/dev, beside this script
+from slot_lookup import ADDRESSED, filled_embeds, word_kinds  # docs/dev, beside this script
 
 from valr.backbones.base import causal_mask
 from valr.checkpoint import load_checkpoint
@@ -84,6 +85,9 @@ def masked(ckpt: Path, records: list, seed: int = 0, open_images: bool = False) 
     objects = set(object_token_ids(tok).tolist())
     rng = random.Random(seed)
     right = dict.fromkeys(CONDITIONS, 0)
+    kind_of = {t: k for k, ids in enumerate(word_kinds(tok)) for t in ids}
+    by_kind = {c: [0, 0, 0] for c in CONDITIONS}
+    kind_words = [0, 0, 0]
     nll = dict.fromkeys(CONDITIONS, 0.0)
     words, steps, check = 0, 0, 0.0
     swapped_records = with_swapped_images(records)
@@ -111,6 +115,9 @@ def masked(ckpt: Path, records: list, seed: int = 0, open_images: bool = False) 
                 continue
             steps += len(plan)
             words += sum(len(p[4]) for p in plan)
+            kinds = [kind_of[int(labels[p + 1])] for plan_step in plan for p in plan_step[4]]
+            for k in kinds:
+                kind_words[k] += 1
             for condition in CONDITIONS:
                 if condition == "swapped":
                     sb = make_batch([swapped], tok, bb, layout, lat)
@@ -127,11 +134,16 @@ def masked(ckpt: Path, records: list, seed: int = 0, open_images: bool = False) 
                 preds = torch.tensor([p for plan_step in plan for p in plan_step[4]])
                 logits = bb.logits(hidden[preds]).float()
                 target = labels[preds + 1]
-                right[condition] += int((logits.argmax(-1) == target).sum())
+                hits = (logits.argmax(-1) == target).tolist()
+                right[condition] += sum(hits)
+                for k, hit in zip(kinds, hits, strict=True):
+                    by_kind[condition][k] += hit
                 nll[condition] += float(F.cross_entropy(logits, target, reduction="sum"))
     return {"steps": steps, "object_words": words, "all_vs_fast_max_abs": check,
             "right": {c: round(right[c] / max(words, 1), 4) for c in CONDITIONS},
-            "ce": {c: round(nll[c] / max(words, 1), 4) for c in CONDITIONS}}
+            "ce": {c: round(nll[c] / max(words, 1), 4) for c in CONDITIONS},
+            "right_by_kind": {c: [round(h / max(n, 1), 4) for h, n in zip(by_kind[c], kind_words, strict=True)]
+                              for c in CONDITIONS}}
 
 
 def main() -> None:
