@@ -12,9 +12,9 @@ object words after the cell (size, colour, shape), what each head's contribution
 from the others add to the right word's logit over the mean logit of its kind (final norm taken as linear at its
 actual scale). ``--own`` (twenty-ninth session) asks whether the other candidates' values carry their own
 cells' objects, using the world's labels.npz (beside the records' images): per unit of attention, what the named
-candidate adds to its own (the right) words' margins and what each other candidate holding an object adds to
-that object's words' margins (the same three predictions), and the mean attention on the named candidate, on
-each other candidate holding an object and on each empty one.
+candidate adds to its own (the right) word's margin and what each other candidate holding an object adds to
+that object's word of the same kind, and the attention on the named candidate, on each other candidate holding
+an object and on each empty one; each per object word (where the size, the colour, the shape is predicted).
 
     .venv/bin/python docs/dev/slot_lookup.py RECORDS [CHECKPOINT ...] [--plain CHECKPOINT ...] [--limit N] [--per-head]
                                              [--values] [--own]
@@ -120,8 +120,9 @@ class CellLabels:
     def __init__(self, tok, world: Path):
         self.z = load_labels(world)
         self.rows = {str(p): i for i, p in enumerate(self.z["paths"])}
-        self.ids = [[tok(" " + str(w), add_special_tokens=False)["input_ids"][0] for w in self.z[f"{k}_names"]]
-                    for k in self.KEYS[1:]]
+        names = tuple(tuple(str(w) for w in self.z[f"{k}_names"]) for k in self.KEYS[1:])
+        assert names == (SIZES, COLOURS, SHAPES), f"{world}: labels name other words than valr.synth.world's"
+        self.ids = word_kinds(tok)
 
     def classes(self, image: Path) -> np.ndarray:
         """(4, cells) row-major: presence, then the size, colour and shape class (-1 where empty)."""
