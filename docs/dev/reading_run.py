@@ -108,7 +108,7 @@ def main() -> None:
     ap.add_argument("--since", type=int, default=0, metavar="STEP",
                     help="--report: only the checkpoints at STEP steps in all (warm-up included) or later")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
-    a = ap.parse_args()
+    a = ap.parse_intermixed_args()  # overrides before or after the options
     model = a.start or stage0_model(a.run)
     if a.report:
         return report(model, a.out, a.records, a.limit, a.since, a.rows)
