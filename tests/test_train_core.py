@@ -42,10 +42,6 @@ def _weights(final):
     return w
 
 
-def _history(out):
-    return read_log(out)
-
-
 def test_config_yaml_unknown_keys_with_lines_and_coercion(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("model: m\ntrain_data: t.jsonl\nlr_llm: 1e-5\nlearning_rate: 3\nvalr:\n  k: 4\n  lamda: 1\n")
@@ -75,7 +71,7 @@ def test_stage2_loss_decreases_on_tiny_overfit_set(smoke, tmp_path):
     cfg = _cfg(smoke, tmp_path / "run", max_steps=14, lr_llm=3e-3, lr_projector=3e-3, per_device_batch_size=4,
                data_fraction=0.5, val_data=str(smoke["val"]), tensorboard=True, log_every=7)
     final = train(cfg)
-    rows = _history(tmp_path / "run")
+    rows = read_log(tmp_path / "run")
     assert [r["step"] for r in rows] == list(range(1, 15))
     first, last = rows[0], rows[-1]
     assert last["loss"] < first["loss"] - 0.3 and last["ce"] < first["ce"] and last["align"] < first["align"]
@@ -100,7 +96,7 @@ def test_alignment_only_stage2_trains_on_the_alignment_alone(smoke, tmp_path):
     valr = {"k": 1, "align_layer": 1, "projector_width": 16, "lambda_align": 0.5, "ce_weight": 0.0,
             "teachers": [{"name": "dino", "path": str(smoke["teacher"]), "image_size": 56}]}
     train(_cfg(smoke, tmp_path / "run", max_steps=6, lr_llm=3e-3, lr_projector=3e-3, valr=valr))
-    rows = _history(tmp_path / "run")
+    rows = read_log(tmp_path / "run")
     for r in rows:
         assert r["loss"] == pytest.approx(0.5 * r["align"], rel=1e-5) and r["ce"] > 0
     assert rows[-1]["align"] < rows[0]["align"]
@@ -120,7 +116,7 @@ def test_rescaled_latent_feed_is_trained_and_saved(smoke, tmp_path):
     assert source.backbone.latent_feed == "hidden"
     table = source.model.get_input_embeddings().weight.detach()
     expected = float(table.pow(2).mean().sqrt() * table.shape[1] ** 0.5)
-    assert _history(tmp_path / "r")[0]["latent_norm"] == pytest.approx(expected, rel=1e-4)
+    assert read_log(tmp_path / "r")[0]["latent_norm"] == pytest.approx(expected, rel=1e-4)
     assert load_checkpoint(final).backbone.latent_feed == "embedding_rms"
     # a library user's objective decides too, and says so when it changes what the checkpoint fed
     from valr.config import ValrConfig
@@ -142,7 +138,7 @@ def test_aligned_latents_are_trained_and_saved(smoke, tmp_path):
     cfg = _cfg(smoke, tmp_path / "a", max_steps=2)
     cfg.valr.k, cfg.valr.aligned_latents = 5, 4
     final = train(cfg)
-    assert all(r["align"] > 0 for r in _history(tmp_path / "a"))
+    assert all(r["align"] > 0 for r in read_log(tmp_path / "a"))
     loaded = load_checkpoint(final)
     assert (loaded.config.k, loaded.config.aligned_latents, loaded.aligner.slots) == (5, 4, 4)
 
@@ -183,7 +179,7 @@ def test_nan_guard_names_step_and_records(smoke, tmp_path, monkeypatch):
     with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step \d+; batch record ids: rank 0: .*train_0001"):
         train(_cfg(smoke, tmp_path / "halt", stage=1, max_steps=4, data_fraction=1.0))
     final = train(_cfg(smoke, tmp_path / "skip", stage=1, max_steps=4, nan_policy="skip"))
-    rows = _history(tmp_path / "skip")
+    rows = read_log(tmp_path / "skip")
     assert sum(r["skipped"] for r in rows) >= 1 and len(rows) == 4
     assert all(torch.isfinite(v).all() for v in _weights(final).values())
 
@@ -284,7 +280,7 @@ def test_keep_best_keeps_the_lowest_validation_ce_across_a_resume(smoke, tmp_pat
     cfg = _cfg(smoke, out, stage=1, max_steps=4, lr_llm=0.3, val_data=str(smoke["val"]), eval_every=1,
                keep_best=True, save_every=1, keep_last=10, seed=1, scheduler="constant")
     final = train(cfg)
-    evals = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
+    evals = read_log(out, "eval.jsonl")
     assert [e["step"] for e in evals] == [1, 2, 3, 4]
     best = json.loads((out / "best" / "valr_best.json").read_text())
     assert best == min(evals, key=lambda e: e["val/ce"]) and best["step"] < 4, evals

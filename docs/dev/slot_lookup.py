@@ -84,6 +84,11 @@ def value_outputs(bb, values: list[torch.Tensor], heads: int, cands: list[int]) 
     return torch.stack(out)
 
 
+def norm_scale(bb, pre_norm_row: torch.Tensor) -> torch.Tensor:
+    """The final RMS norm at one position taken as linear: its gain over the position's actual RMS."""
+    return bb.lm.norm.weight / pre_norm_row.pow(2).mean().add(bb.lm.norm.variance_epsilon).sqrt()
+
+
 def word_kinds(tok) -> list[list[int]]:
     """The token ids of the world's sizes, colours and shapes, one list per kind."""
     return [[tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in kind] for kind in (SIZES, COLOURS, SHAPES)]
@@ -97,14 +102,13 @@ def logit_measures(bb, kinds: list[list[int]], outputs: torch.Tensor, pre_norm: 
     the mean logit of its kind (sizes, colours or shapes), and the others' summed absolute contributions (large
     against their sum: they cancel; small: each is neutral). ``outputs`` from value_outputs, ``pre_norm`` the
     final norm's input (L, D)."""
-    w_u, gain = bb.model.lm_head.weight, bb.lm.norm.weight
+    w_u = bb.model.lm_head.weight
     named, others, others_abs = 0.0, 0.0, 0.0
     for p in (q, q + 1, q + 2):
         target = int(ids[p + 1])
         kind = next(k for k in kinds if target in k)
         direction = w_u[target] - w_u[kind].mean(0)
-        scale = gain / pre_norm[p].pow(2).mean().add(bb.lm.norm.variance_epsilon).sqrt()
-        d = att[:, :, p, cands] * (outputs @ (scale * direction))  # (layers, heads, candidates)
+        d = att[:, :, p, cands] * (outputs @ (norm_scale(bb, pre_norm[p]) * direction))  # (layers, heads, candidates)
         named = named + d[..., right]
         others = others + d.sum(-1) - d[..., right]
         others_abs = others_abs + d.abs().sum(-1) - d[..., right].abs()
@@ -144,15 +148,14 @@ def own_word_measures(bb, kinds: list[list[int]], outputs: torch.Tensor, pre_nor
     predicted at the same position), and the attention weight on the named candidate, on each other
     candidate holding an object and on each empty one. ``att_rows`` is (layers, heads, 3, candidates) at
     the three positions."""
-    w_u, gain = bb.model.lm_head.weight, bb.lm.norm.weight
+    w_u = bb.model.lm_head.weight
     unit = []
     for j, p in enumerate((q, q + 1, q + 2)):
         assert cells[right][j] == int(ids[p + 1]), "the labels do not match the step's text"
-        scale = gain / pre_norm[p].pow(2).mean().add(bb.lm.norm.variance_epsilon).sqrt()
         kind = kinds[j]
         words = torch.tensor([c[j] if c else kind[0] for c in cells])
         directions = w_u[words] - w_u[kind].mean(0)  # (candidates, D)
-        unit.append((outputs * (scale * directions)).sum(-1))  # (layers, heads, candidates)
+        unit.append((outputs * (norm_scale(bb, pre_norm[p]) * directions)).sum(-1))  # (layers, heads, candidates)
     unit = torch.stack(unit, -1)  # (layers, heads, candidates, 3)
     occupied = [i for i, c in enumerate(cells) if c and i != right]
     empty = [i for i, c in enumerate(cells) if not c]
@@ -161,21 +164,25 @@ def own_word_measures(bb, kinds: list[list[int]], outputs: torch.Tensor, pre_nor
             att_rows[..., occupied].mean(-1) if occupied else nans, att_rows[..., empty].mean(-1) if empty else nans)
 
 
+@torch.no_grad()
+def teacher_forced_pass(bb, batch, layer: int, latent: bool, **outputs):
+    """The language model's output of one teacher-forced pass over ``batch`` in which each latent slot holds
+    what fast-mode training feeds it, under the training mask (the image bottleneck's where it is on);
+    ``outputs`` e.g. ``output_hidden_states=True``."""
+    if latent:
+        embeds, positions, _ = filled_embeds(bb, batch, layer)
+    else:
+        embeds, positions = decoder_inputs(bb, batch)
+    mask = full_mask(bb, batch)
+    if mask.dim() == 4:
+        mask = additive_mask(mask, embeds.dtype)
+    return bb.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False, **outputs)
+
+
 def attentions_with_latents(bb, batch, layer: int, latent: bool) -> torch.Tensor:
-    """Eager attention weights, (layers, B, heads, L, L), of one teacher-forced pass over ``batch`` in which each
-    latent slot holds what fast-mode training feeds it (under the image bottleneck, its mask)."""
-    with torch.no_grad():
-        if latent:
-            embeds, positions, _ = filled_embeds(bb, batch, layer)
-        else:
-            embeds, positions = decoder_inputs(bb, batch)
-        mask = full_mask(bb, batch)
-        if mask.dim() == 4:
-            mask = additive_mask(mask, embeds.dtype)
-        with eager_attention(bb.model):
-            att = bb.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                        output_attentions=True, use_cache=False).attentions
-    return torch.stack(att)
+    """Eager attention weights, (layers, B, heads, L, L), of a teacher_forced_pass."""
+    with eager_attention(bb.model):
+        return torch.stack(teacher_forced_pass(bb, batch, layer, latent, output_attentions=True).attentions)
 
 
 @torch.no_grad()
@@ -227,8 +234,9 @@ def lookups(ckpt: Path, records: Path, limit: int, latent: bool, per_head: bool 
             t = (a.argmax(-1) == right).float()
             share, top = (s, t) if share is None else (share + s, top + t)
             mass = a.sum(-1) if mass is None else mass + a.sum(-1)
-            if values:
+            if values or own:
                 outputs = value_outputs(bb, last_values, full.shape[1], cands)
+            if values:
                 vs, vr = value_measures(outputs, full, q, cands, right)
                 ln, lo, la = logit_measures(bb, kinds, outputs, pre_norm[0], full, batch.input_ids[0], q, cands,
                                             right)
@@ -237,7 +245,6 @@ def lookups(ckpt: Path, records: Path, limit: int, latent: bool, per_head: bool 
                 labels = labels or CellLabels(tok, rec.images[view].parents[2])
                 cells = labels.cells(rec.images[view])
                 assert cells[right] is not None, f"{rec.id}: step {i + 1} names an empty cell"
-                outputs = value_outputs(bb, last_values, full.shape[1], cands)
                 got = own_word_measures(bb, kinds, outputs, pre_norm[0], full[:, :, q:q + 3][..., cands],
                                          batch.input_ids[0], q, cells, right)
                 ok = [(~torch.isnan(g)).float() for g in got]
@@ -283,9 +290,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     for ckpt, latent in [(c, True) for c in args.checkpoints] + [(c, False) for c in args.plain]:
-        print(ckpt, json.dumps(lookups(ckpt, args.records, args.limit, latent, args.per_head, args.values,
-                                                   args.own)),
-              flush=True)
+        out = lookups(ckpt, args.records, args.limit, latent, args.per_head, args.values, args.own)
+        print(ckpt, json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":

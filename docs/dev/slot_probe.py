@@ -18,13 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from slot_lookup import CellLabels, filled_embeds  # docs/dev, beside this script
+from slot_lookup import CellLabels, teacher_forced_pass  # docs/dev, beside this script
 from teacher_vs_tower import ridge
 
-from valr.backbones.base import additive_mask
 from valr.checkpoint import load_checkpoint
 from valr.data import LayoutConfig, load_records, make_batch
-from valr.engine import full_mask
 from valr.tokens import LatentTokenIds
 
 
@@ -37,12 +35,7 @@ def slot_states(loaded, records: list) -> tuple[np.ndarray, np.ndarray]:
     labels, states, classes = None, [], []
     for rec in records:
         batch = make_batch([rec], tok, bb, layout, lat)
-        embeds, positions, _ = filled_embeds(bb, batch, cfg.align_layer)
-        mask = full_mask(bb, batch)
-        if mask.dim() == 4:
-            mask = additive_mask(mask, embeds.dtype)
-        hidden = bb.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                       output_hidden_states=True, use_cache=False).hidden_states
+        hidden = teacher_forced_pass(bb, batch, cfg.align_layer, True, output_hidden_states=True).hidden_states
         hidden = torch.stack(hidden)[:, 0]  # (layers + 1, L, D)
         for start, image in zip(batch.segment_starts[0], batch.segment_targets[0], strict=True):
             if image is None:
