@@ -127,7 +127,8 @@ LATENT_FEEDS = ("hidden", "embedding_rms", "pause")
 
 def check_latent_feed(name: str) -> str:
     if name not in LATENT_FEEDS:
-        raise ValueError(f"unknown latent_feed {name!r}; use one of {list(LATENT_FEEDS)}")
+        raise ValueError(f"unknown latent_feed {name!r}; use one of {list(LATENT_FEEDS)} ('hidden', the paper's "
+                         "fed hidden states, unless you mean to test another feed)")
     return name
 
 
