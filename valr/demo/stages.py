@@ -127,16 +127,15 @@ class Stages:
                              "fingerprints, so that a run directory can be moved or copied")
         d = self.root / name
         fp = _fingerprint({"format": FORMAT, "key": key})
-        known = self._identity(d, fp)
-        self.fps[name] = known or fp
         marker = d / "done.json"
-        if known and marker.is_file():
-            done = json.loads(marker.read_text())
-            if done.get("fingerprint") == known:
-                self.seconds[name] = done["seconds"]
-                self.reused.append(name)
-                _log(f"{name}: reusing the finished stage ({done['seconds']:.0f} s when it ran)")
-                return done["result"], None
+        done = json.loads(marker.read_text()) if marker.is_file() else None
+        known = self._identity(d, fp, done)
+        self.fps[name] = known or fp
+        if known and done is not None and done.get("fingerprint") == known:
+            self.seconds[name] = done["seconds"]
+            self.reused.append(name)
+            _log(f"{name}: reusing the finished stage ({done['seconds']:.0f} s when it ran)")
+            return done["result"], None
         if d.exists() and not known:
             shutil.rmtree(d)
         d.mkdir(parents=True, exist_ok=True)
@@ -145,15 +144,17 @@ class Stages:
         return None, d
 
     @staticmethod
-    def _identity(d: Path, fp: str) -> str | None:
+    def _identity(d: Path, fp: str, done: dict[str, Any] | None) -> str | None:
         """The fingerprint stage directory ``d`` is known by if it holds the settings of ``fp``: ``fp`` itself,
         or, for a stage written when the aligned variants' keys held the teacher's absolute path, the
         fingerprint in its ``key.json`` (kept, so the stages keyed on it downstream still match, in the
-        directory where it ran and in any copy of it). None: other settings, or nothing there."""
-        stored = [json.loads(f.read_text()) for f in (d / "key.json", d / "done.json") if f.is_file()]
+        directory where it ran and in any copy of it). None: other settings, or nothing there. ``done``: the
+        directory's done.json, read by the caller."""
+        key_file = d / "key.json"
+        stored = ([json.loads(key_file.read_text())] if key_file.is_file() else []) + ([done] if done else [])
         if any(x.get("fingerprint") == fp for x in stored):
             return fp
-        if (d / "key.json").is_file() and "key" in stored[0]:
+        if key_file.is_file() and "key" in stored[0]:
             if _fingerprint({"format": FORMAT, "key": _without_paths(stored[0]["key"])}) == fp:
                 return stored[0]["fingerprint"]
         return None
