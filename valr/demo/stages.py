@@ -151,12 +151,12 @@ class Stages:
         directory where it ran and in any copy of it). None: other settings, or nothing there. ``done``: the
         directory's done.json, read by the caller."""
         key_file = d / "key.json"
-        stored = ([json.loads(key_file.read_text())] if key_file.is_file() else []) + ([done] if done else [])
-        if any(x.get("fingerprint") == fp for x in stored):
+        stored = json.loads(key_file.read_text()) if key_file.is_file() else None
+        if any(x and x.get("fingerprint") == fp for x in (stored, done)):
             return fp
-        if key_file.is_file() and "key" in stored[0]:
-            if _fingerprint({"format": FORMAT, "key": _without_paths(stored[0]["key"])}) == fp:
-                return stored[0]["fingerprint"]
+        if stored and "key" in stored:
+            if _fingerprint({"format": FORMAT, "key": _without_paths(stored["key"])}) == fp:
+                return stored["fingerprint"]
         return None
 
     def _close(self, name: str, d: Path, result: Any, secs: float) -> Any:
