@@ -54,7 +54,7 @@ def test_latent_feed_travels_with_the_checkpoint(tiny, image_dir, tmp_path):
     meta = json.loads((tmp_path / "ck" / "valr_config.json").read_text())
     meta["valr"]["latent_feed"] = "unit"
     (tmp_path / "ck" / "valr_config.json").write_text(json.dumps(meta))
-    bad_feed = (r"valr_config.json: unknown latent_feed 'unit'; use one of \['hidden', .*\] "
+    bad_feed = (r"valr_config.json: valr.latent_feed='unit' is not one of \['hidden', .*\] "
                 r"\('hidden', the paper's .*\); fix the file")
     with pytest.raises(ValueError, match=bad_feed):
         load_checkpoint(tmp_path / "ck")

@@ -59,7 +59,7 @@ def test_config_yaml_unknown_keys_with_lines_and_coercion(tmp_path):
         load_train_config(p, ["nan_policy=maybe"])
     with pytest.raises(ConfigError, match="perfect square"):
         load_train_config(p, ["stage=2", "valr.k=8"])
-    with pytest.raises(ConfigError, match="valr.latent_feed='unit' is not one of"):
+    with pytest.raises(ConfigError, match="valr.latent_feed='unit' is not one of .*'hidden', the paper's"):
         load_train_config(p, ["valr.latent_feed=unit"])
     with pytest.raises(ConfigError, match="valr.latent_positions='rows' is not one of"):
         load_train_config(p, ["valr.latent_positions=rows"])

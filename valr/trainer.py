@@ -56,7 +56,7 @@ import torch
 import yaml
 from torch import nn
 
-from valr.backbones.base import LATENT_FEEDS, LATENT_POSITIONS, set_layout
+from valr.backbones.base import check_latent_feed, check_latent_positions, set_layout
 from valr.config import ConfigError, ValrConfig, apply_overrides, build_dataclass
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -232,10 +232,11 @@ def validate(cfg: TrainConfig) -> None:
             bad(f"{key}={getattr(cfg, key)!r} is not one of {list(allowed)}")
     if cfg.valr.train_mode not in ("exact", "fast"):
         bad(f"valr.train_mode={cfg.valr.train_mode!r} is not one of ['exact', 'fast']")
-    if cfg.valr.latent_feed not in LATENT_FEEDS:
-        bad(f"valr.latent_feed={cfg.valr.latent_feed!r} is not one of {list(LATENT_FEEDS)}")
-    if cfg.valr.latent_positions not in LATENT_POSITIONS:
-        bad(f"valr.latent_positions={cfg.valr.latent_positions!r} is not one of {list(LATENT_POSITIONS)}")
+    try:
+        check_latent_feed(cfg.valr.latent_feed, "valr.latent_feed")
+        check_latent_positions(cfg.valr.latent_positions, "valr.latent_positions")
+    except ValueError as e:
+        bad(str(e))
     if not 0.0 < cfg.data_fraction <= 1.0:
         bad(f"data_fraction={cfg.data_fraction} must be in (0, 1]")
     for key in ("per_device_batch_size", "grad_accum", "keep_last", "log_every"):

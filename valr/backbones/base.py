@@ -125,11 +125,17 @@ class AppendOnlyLayer(DynamicLayer):
 LATENT_FEEDS = ("hidden", "embedding_rms", "pause")
 
 
-def check_latent_feed(name: str) -> str:
-    if name not in LATENT_FEEDS:
-        raise ValueError(f"unknown latent_feed {name!r}; use one of {list(LATENT_FEEDS)} ('hidden', the paper's "
-                         "fed hidden states, unless you mean to test another feed)")
-    return name
+def _check_option(key: str, value: str, allowed: tuple[str, ...], paper: str) -> str:
+    """``value`` if it is one of ``allowed``; else a ValueError naming the key, the choices and the paper's choice,
+    so a typo in a config, an override or a checkpoint file reads the same everywhere."""
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not one of {list(allowed)} ({paper})")
+    return value
+
+
+def check_latent_feed(name: str, key: str = "latent_feed") -> str:
+    return _check_option(key, name, LATENT_FEEDS,
+                         "'hidden', the paper's fed hidden states, unless you mean to test another feed")
 
 
 def feeds_back(backbone: Backbone) -> bool:
@@ -198,6 +204,11 @@ def image_bottleneck(backbone: Backbone) -> bool:
 LATENT_POSITIONS = ("text", "grid")
 
 
+def check_latent_positions(name: str, key: str = "latent_positions") -> str:
+    return _check_option(key, name, LATENT_POSITIONS,
+                         "'text', the paper's 1-D positions, unless you mean to test grid positions")
+
+
 def latent_grid(backbone: Backbone) -> int:
     """The grid side latent slots are placed on (0: 1-D text positions, the paper)."""
     return int(getattr(backbone, "latent_grid_side", 0))
@@ -214,10 +225,8 @@ def set_layout(backbone: Backbone, config) -> None:
     image bottleneck and the latent positions. Generation, diagnostics and training read them from the backbone."""
     from valr.align import latent_grid_side
 
-    backbone.latent_feed = check_latent_feed(config.latent_feed)
-    if config.latent_positions not in LATENT_POSITIONS:
-        raise ValueError(f"valr.latent_positions={config.latent_positions!r}: use one of {list(LATENT_POSITIONS)} "
-                         "('text', the paper's 1-D positions, unless you mean to test grid positions)")
+    backbone.latent_feed = check_latent_feed(config.latent_feed, "valr.latent_feed")
+    check_latent_positions(config.latent_positions, "valr.latent_positions")
     backbone.image_bottleneck = config.image_bottleneck
     backbone.latent_grid_side = (latent_grid_side(config.k, config.aligned_latents)
                                  if config.latent_positions == "grid" else 0)

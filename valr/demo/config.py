@@ -225,16 +225,16 @@ class DemoConfig:
                               "(1 trains the variants one after another)")
         if data["step_targets"] not in STEP_TARGETS:
             raise ConfigError(f"demo override step_targets={data['step_targets']!r}: expected one of {STEP_TARGETS}")
-        from valr.backbones.base import LATENT_FEEDS, LATENT_POSITIONS
+        from valr.backbones.base import check_latent_feed, check_latent_positions
 
-        if data["latent_feed"] not in LATENT_FEEDS:
-            raise ConfigError(f"demo override latent_feed={data['latent_feed']!r}: expected one of {LATENT_FEEDS}")
+        try:
+            check_latent_feed(data["latent_feed"], "demo override latent_feed")
+            check_latent_positions(data["latent_positions"], "demo override latent_positions")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if not data["rope_theta"] > 1:
             raise ConfigError(f"demo override rope_theta={data['rope_theta']}: expected a number above 1 (10000 is "
                               "Qwen2's, smaller turns the rotary faster)")
-        if data["latent_positions"] not in LATENT_POSITIONS:
-            raise ConfigError(f"demo override latent_positions={data['latent_positions']!r}: expected one of "
-                              f"{LATENT_POSITIONS}")
         from valr.align import latent_grid_side
 
         try:
