@@ -155,7 +155,7 @@ def test_embedding_rms_feed_puts_latents_at_the_embedding_scale(tiny, records):
     first = [i for i, (_, s) in enumerate(out.segment_owner) if s == 0]
     cos = torch.nn.functional.cosine_similarity(plain[first, 0], scaled[first, 0], dim=-1)
     torch.testing.assert_close(cos, torch.ones(len(first)), atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="unknown latent_feed 'norm'.*embedding_rms"):
+    with pytest.raises(ValueError, match="latent_feed='norm' is not one of .*embedding_rms.*the paper's"):
         bb.latent_feed = "norm"
         forward_latent(bb, batch, LAYER, "fast")
 
