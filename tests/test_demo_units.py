@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -562,6 +564,49 @@ def test_parallel_stages_keep_the_finished_ones_and_raise_the_failure(tmp_path):
     res = again.run_parallel([j for j in jobs if j[0] != "bad"], 2)
     assert {n: r["tag"] for n, r in res.items()} == {"a": "a", "b": "b"} and sorted(again.reused) == ["a", "b"]
     assert os.getpid() not in {r["pid"] for r in res.values()}  # they ran in other processes
+
+
+def test_stage_workers_end_when_the_demo_is_killed(tmp_path):
+    """A killed demo (SIGKILL, so nothing of it runs after) leaves no stage worker training on: each worker ends
+    once its parent is gone."""
+    import signal
+    import subprocess
+    import time
+
+    proc = Path("/proc")
+    if not proc.is_dir():
+        pytest.skip("needs /proc to tell a finished worker from a zombie")
+    (tmp_path / "slowjob.py").write_text(
+        "import os, time\n"
+        "def job(d):\n"
+        "    (d.parent / 'worker.pid').write_text(str(os.getpid()))\n"
+        "    time.sleep(120)\n")
+    demo = ("import sys; from pathlib import Path; import slowjob; from valr.demo.stages import Stages\n"
+            "Stages(Path(sys.argv[1]) / 'run').run_parallel([('a', {'steps': 1}, slowjob.job)], 1)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")])}
+    parent = subprocess.Popen([sys.executable, "-c", demo, str(tmp_path)], env=env, stderr=subprocess.DEVNULL)
+    pid_file = tmp_path / "run" / "worker.pid"
+    deadline = time.time() + 120
+    while not (pid_file.is_file() and pid_file.read_text()) and time.time() < deadline and parent.poll() is None:
+        time.sleep(0.2)
+    assert pid_file.is_file(), "the stage worker never started"
+    worker = int(pid_file.read_text())
+
+    def running(pid: int) -> bool:
+        try:
+            status = (proc / str(pid) / "status").read_text()
+        except OSError:
+            return False
+        return "\nState:\tZ" not in status
+
+    assert running(worker)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 30
+    while running(worker) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not running(worker), "the stage worker went on after the demo was killed"
 
 
 def test_progress_ignores_an_interrupted_runs_history(tmp_path):

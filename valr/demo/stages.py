@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -89,8 +90,8 @@ class Stages:
         errors: list[BaseException] = []
         ctx = multiprocessing.get_context("spawn")  # no forked copies of this process's torch threads or state
         started = time.time()
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_set_threads,
-                                 initargs=(threads,)) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(threads, os.getpid())) as pool:
             pending = {pool.submit(_timed, fn, d): (name, key, d) for name, key, fn, d in todo}
             bars: dict[str, Any] = {}
             while pending:
@@ -170,10 +171,22 @@ class Stages:
         return result
 
 
-def _set_threads(n: int) -> None:
+def _init_worker(threads: int, parent: int) -> None:
+    """Give a stage worker its share of threads, and end it once the process that started it is gone. A pool
+    worker outlives a parent that is killed (not interrupted: Ctrl-C reaches the whole process group) and would
+    go on training unseen; its stage resumes from its last checkpoint on the next run."""
+    import threading
+
     import torch
 
-    torch.set_num_threads(n)
+    torch.set_num_threads(threads)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="valr-parent-watch", daemon=True).start()
 
 
 def _timed(fn: Callable[[Path], Any], d: Path) -> tuple[Any, float]:
