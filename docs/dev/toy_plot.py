@@ -1,0 +1,63 @@
+"""Development figure of docs/results.md (item 77): runs of `docs/dev/bottleneck_toy.py` side by side, so that when
+each run's alignment is learned and when its text begins to read its latents can be seen rather than read off a
+table.
+
+    .venv/bin/python docs/dev/toy_plot.py OUT.png --run LABEL JSON NAME [--run LABEL JSON NAME ...]
+
+JSON is a results file in docs/results/ whose ``runs`` hold the toy's reports (``columns`` and ``rows``, as
+`toy-4x4-item71.json`), NAME a run in it. Panels, per validation report: the alignment loss, the gap between
+the CE with swapped images and with the record's own images (above zero where the text reads its latents), and
+the colour accuracy (chance 25%), a 5-report running mean.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def columns(run: dict) -> dict[str, list[float]]:
+    """The run's reports as one list per column."""
+    return {c: [row[i] for row in run["rows"]] for i, c in enumerate(run["columns"])}
+
+
+def running_mean(values: list[float], width: int = 5) -> list[float]:
+    return [sum(values[max(0, i - width + 1):i + 1]) / len(values[max(0, i - width + 1):i + 1])
+            for i in range(len(values))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", type=Path, help="the PNG to write")
+    ap.add_argument("--run", nargs=3, action="append", required=True, metavar=("LABEL", "JSON", "NAME"),
+                    help="a curve: its legend label, a results JSON file and the run's name in it")
+    args = ap.parse_args()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for label, path, name in args.run:
+        runs = json.loads(Path(path).read_text())["runs"]
+        if name not in runs:
+            raise SystemExit(f"{path}: no run {name!r}; it holds {sorted(runs)}")
+        col = columns(runs[name])
+        line = axes[0].plot(col["step"], col["align"], label=label)[0] if col["align"][0] is not None else None
+        colour = line.get_color() if line else None
+        gap = [s - o for s, o in zip(col["ce_swapped"], col["ce_own"], strict=True)]
+        axes[1].plot(col["step"], gap, label=label, color=colour)
+        axes[2].plot(col["step"], running_mean(col["accuracy"]), label=label, color=colour)
+    axes[0].set(title="alignment loss (validation)", xlabel="step", yscale="log")
+    axes[1].set(title="CE swapped images - CE own images", xlabel="step")
+    axes[2].set(title="colour accuracy (5-report mean; chance 0.25)", xlabel="step", ylim=(0, 1))
+    axes[2].axhline(0.25, color="grey", lw=0.8, ls=":")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=100)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
