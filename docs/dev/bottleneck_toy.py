@@ -22,7 +22,7 @@ Before training it prints the norms of the CE's and the alignment loss's gradien
     .venv/bin/python docs/dev/bottleneck_toy.py [--task colour|cell] [--cells 2] [--mode fast|exact]
         [--no-bottleneck] [--k 4] [--feed hidden|embedding_rms|pause] [--lambda-align 0] [--align-layer 4]
         [--lr 1e-3] [--steps 300] [--seed 0] [--train-vision] [--latent-positions text|grid]
-        [--rope-theta 10000] [--marks] [--lookup-heads EVERY]
+        [--rope-theta 10000] [--marks] [--lookup-heads EVERY] [--lookup-next]
 """
 
 import argparse
@@ -136,12 +136,15 @@ def per_record_ce(backbone, batch) -> torch.Tensor:
 
 
 RELATIONS = ("named", "row", "col", "other")  # a slot's cell against the named one: itself, same row, same col
+WITH_NEXT = ("named", "next", "row", "col", "other")  # "next": the slot after the named one (none after the last)
 
 
-def lookup_by_head(bb, batch, records, task: "CellTask", tok, layer: int) -> torch.Tensor:
-    """(layers, heads, 4): of the attention that the step's token before the colour ("is") puts on its latent
-    segment (slots row-major, one per cell), the mean share on the named cell's slot, on the other slots of its
-    row, of its column, and on the rest (chance for the named slot 1 / K)."""
+def lookup_by_head(bb, batch, records, task: "CellTask", tok, layer: int, relations=RELATIONS) -> torch.Tensor:
+    """(layers, heads, len(relations)): of the attention that the step's token before the colour ("is") puts on
+    its latent segment (slots row-major, one per cell), the mean share on the named cell's slot, on the other
+    slots of its row, of its column, and on the rest (chance for the named slot 1 / K). With WITH_NEXT the slot
+    right after the named one has its own share: aligning the last layer, a slot's aligned state is what the
+    next slot is fed, so a text may read a cell there rather than at its own slot."""
     att = attentions_with_latents(bb, batch, layer, latent=True)
     side, shares = task.side, []
     for b, rec in enumerate(records):
@@ -150,9 +153,10 @@ def lookup_by_head(bb, batch, records, task: "CellTask", tok, layer: int) -> tor
         start = batch.segment_starts[b][0]
         on_slots = att[:, b, :, q, start:start + batch.k]  # (layers, heads, K)
         on_slots = on_slots / on_slots.sum(-1, keepdim=True)
-        relation = torch.tensor([0 if (i // side, i % side) == (r, c) else 1 if i // side == r else
-                                 2 if i % side == c else 3 for i in range(batch.k)])
-        shares.append(torch.stack([on_slots[..., relation == j].sum(-1) for j in range(len(RELATIONS))], -1))
+        named = r * side + c
+        kinds = ["named" if i == named else "next" if "next" in relations and i == named + 1 else
+                 "row" if i // side == r else "col" if i % side == c else "other" for i in range(batch.k)]
+        shares.append(torch.stack([on_slots[..., [k == j for k in kinds]].sum(-1) for j in relations], -1))
     return torch.stack(shares).mean(0)
 
 
@@ -194,6 +198,8 @@ def main() -> None:
     ap.add_argument("--lookup-heads", type=int, default=0, metavar="EVERY", help="cell task: every EVERY steps "
                     "print, per layer and head, the share of the step's slot attention on the named cell's slot, "
                     "on the other slots of its row and column, and on the rest")
+    ap.add_argument("--lookup-next", action="store_true", help="with --lookup-heads: give the slot right after "
+                    "the named one its own share (named/next/row/col/other)")
     args = ap.parse_args()
     if args.marks and args.cells > MAX_MARKED_SIDE:
         ap.error(f"--marks names at most {MAX_MARKED_SIDE} x {MAX_MARKED_SIDE} cells (one grey level per 2 x 2 "
@@ -236,8 +242,9 @@ def main() -> None:
                 truth = torch.tensor([task.colour_index(r) for r in val])
                 line += f", colour accuracy {float((ces.argmin(0) == truth).float().mean()):.3f}"
             if args.lookup_heads and step % args.lookup_heads == 0:
-                shares = lookup_by_head(bb, val_batch, val, task, tok, args.align_layer)
-                line += "".join(f"\n  layer {i + 1} slot-attention share {'/'.join(RELATIONS)} by head: "
+                relations = WITH_NEXT if args.lookup_next else RELATIONS
+                shares = lookup_by_head(bb, val_batch, val, task, tok, args.align_layer, relations)
+                line += "".join(f"\n  layer {i + 1} slot-attention share {'/'.join(relations)} by head: "
                                 + "  ".join("/".join(f"{float(v):.2f}" for v in head) for head in heads)
                                 for i, heads in enumerate(shares))
         print(line, flush=True)
