@@ -139,7 +139,8 @@ RELATIONS = ("named", "row", "col", "other")  # a slot's cell against the named 
 WITH_NEXT = ("named", "next", "row", "col", "other")  # "next": the slot after the named one (none after the last)
 
 
-def lookup_by_head(bb, batch, records, task: "CellTask", tok, layer: int, relations=RELATIONS) -> torch.Tensor:
+def lookup_by_head(bb, batch, records, task: "CellTask", tok, layer: int,
+                   relations: tuple[str, ...] = RELATIONS) -> torch.Tensor:
     """(layers, heads, len(relations)): of the attention that the step's token before the colour ("is") puts on
     its latent segment (slots row-major, one per cell), the mean share on the named cell's slot, on the other
     slots of its row, of its column, and on the rest (chance for the named slot 1 / K). With WITH_NEXT the slot
