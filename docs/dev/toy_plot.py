@@ -2,12 +2,13 @@
 each run's alignment is learned and when its text begins to read its latents can be seen rather than read off a
 table.
 
-    .venv/bin/python docs/dev/toy_plot.py OUT.png --run LABEL JSON NAME [--run LABEL JSON NAME ...]
+    .venv/bin/python docs/dev/toy_plot.py OUT.png --run LABEL JSON NAME [--run LABEL JSON NAME ...] [--pairs]
 
 JSON is a results file in docs/results/ whose ``runs`` hold the toy's reports (``columns`` and ``rows``, as
 `toy-4x4-item71.json`), NAME a run in it. Panels, per validation report: the alignment loss, the gap between
 the CE with swapped images and with the record's own images (above zero where the text reads its latents), and
-the colour accuracy (chance 25%), a 5-report running mean.
+the colour accuracy (chance 25%), a 5-report running mean. ``--pairs`` draws the runs two by two (e.g. one
+seed at two settings): the second of each pair dashed, in the first's colour.
 """
 
 import argparse
@@ -35,18 +36,26 @@ def main() -> None:
     ap.add_argument("out", type=Path, help="the PNG to write")
     ap.add_argument("--run", nargs=3, action="append", required=True, metavar=("LABEL", "JSON", "NAME"),
                     help="a curve: its legend label, a results JSON file and the run's name in it")
+    ap.add_argument("--pairs", action="store_true", help="the runs come in pairs: draw each second run dashed, "
+                    "in the colour of the run before it")
     args = ap.parse_args()
+    if args.pairs and len(args.run) % 2:
+        ap.error(f"--pairs needs an even number of --run, got {len(args.run)}")
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for label, path, name in args.run:
+    colour = None
+    for i, (label, path, name) in enumerate(args.run):
+        second = args.pairs and i % 2 == 1
+        style = {"color": colour if second else f"C{(i // 2 if args.pairs else i) % 10}", "ls": "--" if second else "-"}
         runs = json.loads(Path(path).read_text())["runs"]
         if name not in runs:
             raise SystemExit(f"{path}: no run {name!r}; it holds {sorted(runs)}")
         col = columns(runs[name])
-        line = axes[0].plot(col["step"], col["align"], label=label)[0] if col["align"][0] is not None else None
-        colour = line.get_color() if line else None
+        if col["align"][0] is not None:  # an aligned run
+            axes[0].plot(col["step"], col["align"], label=label, **style)
+        colour = style["color"]
         gap = [s - o for s, o in zip(col["ce_swapped"], col["ce_own"], strict=True)]
-        axes[1].plot(col["step"], gap, label=label, color=colour)
-        axes[2].plot(col["step"], running_mean(col["accuracy"]), label=label, color=colour)
+        axes[1].plot(col["step"], gap, label=label, **style)
+        axes[2].plot(col["step"], running_mean(col["accuracy"]), label=label, **style)
     axes[0].set(title="alignment loss (validation)", xlabel="step", yscale="log")
     axes[1].set(title="CE swapped images - CE own images", xlabel="step")
     axes[2].set(title="colour accuracy (5-report mean; chance 0.25)", xlabel="step", ylim=(0, 1))
