@@ -27,8 +27,8 @@ def columns(run: dict) -> dict[str, list[float]]:
 
 
 def running_mean(values: list[float], width: int = 5) -> list[float]:
-    return [sum(values[max(0, i - width + 1):i + 1]) / len(values[max(0, i - width + 1):i + 1])
-            for i in range(len(values))]
+    windows = (values[max(0, i - width + 1):i + 1] for i in range(len(values)))
+    return [sum(w) / len(w) for w in windows]
 
 
 def main() -> None:
@@ -41,18 +41,17 @@ def main() -> None:
     args = ap.parse_args()
     if args.pairs and len(args.run) % 2:
         ap.error(f"--pairs needs an even number of --run, got {len(args.run)}")
+    files = {path: json.loads(Path(path).read_text())["runs"] for _, path, _ in args.run}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    colour = None
     for i, (label, path, name) in enumerate(args.run):
-        second = args.pairs and i % 2 == 1
-        style = {"color": colour if second else f"C{(i // 2 if args.pairs else i) % 10}", "ls": "--" if second else "-"}
-        runs = json.loads(Path(path).read_text())["runs"]
+        # a pair shares its colour; its second run is dashed
+        style = {"color": f"C{(i // 2 if args.pairs else i) % 10}", "ls": "--" if args.pairs and i % 2 else "-"}
+        runs = files[path]
         if name not in runs:
             raise SystemExit(f"{path}: no run {name!r}; it holds {sorted(runs)}")
         col = columns(runs[name])
         if col["align"][0] is not None:  # an aligned run
             axes[0].plot(col["step"], col["align"], label=label, **style)
-        colour = style["color"]
         gap = [s - o for s, o in zip(col["ce_swapped"], col["ce_own"], strict=True)]
         axes[1].plot(col["step"], gap, label=label, **style)
         axes[2].plot(col["step"], running_mean(col["accuracy"]), label=label, **style)
