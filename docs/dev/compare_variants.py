@@ -8,7 +8,8 @@ length (N = 1, the longest N, N = 6-8) and by family; the lookup chains' first w
 positions); how often a segment picks its view (chance: one over the views); the alignment loss first -> last
 window of training beside the mean-feature projector's loss. Then every variant against the first
 (`valr.demo.stats.paired_difference`: a 95% interval over resampled questions, one seed's sampling error only).
-``--json FILE`` also writes the rows and differences there.
+``--json FILE`` also writes there the table, the differences and each run's result.json (without the
+(length, score) pairs of its plots; with its per-question scores, so that later runs can be paired with it).
 """
 
 import argparse
@@ -88,8 +89,10 @@ def main() -> None:
             print(f"{label} - {base}, {scope}: {100 * d['difference']:+.1f} points "
                   f"(95% {100 * d['ci95'][0]:+.1f} to {100 * d['ci95'][1]:+.1f}, {d['n']} questions)")
     if args.json:
-        args.json.write_text(json.dumps({"runs": outs, "table": table,
-                                         "differences": diffs}, indent=1))
+        results = {label: {**r, "eval": {k: v for k, v in r["eval"].items() if not k.startswith("_pairs")}}
+                   for label, r in runs.items()}
+        args.json.write_text(json.dumps({"runs": outs, "table": table, "differences": diffs, "results": results},
+                                        indent=1))
 
 
 if __name__ == "__main__":
