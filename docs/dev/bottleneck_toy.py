@@ -17,12 +17,15 @@ prints, on the validation records, the CE with their own images and with each re
 next one's (the text has learned to read the image where the two part), the alignment loss, and for ``cell`` the
 colour accuracy: the share of records whose own colour gives the step its lowest CE among the four (chance 25%).
 Before training it prints the norms of the CE's and the alignment loss's gradients on the language model
-(validation records).
+(validation records). ``--read-first N`` (thirty-third session, item 78) first trains N steps of plain CoT (no
+latents, no bottleneck: the text reads the cells from the image tokens), as the demo's stage 0 taught its text to
+read before any latent; every 50 of them it prints the plain CE with own and swapped images (and for ``cell``
+the colour accuracy, read from the image tokens).
 
     .venv/bin/python docs/dev/bottleneck_toy.py [--task colour|cell] [--cells 2] [--mode fast|exact]
         [--no-bottleneck] [--k 4] [--feed hidden|embedding_rms|pause] [--lambda-align 0] [--align-layer 4]
         [--lr 1e-3] [--steps 300] [--seed 0] [--train-vision] [--latent-positions text|grid]
-        [--rope-theta 10000] [--marks] [--lookup-heads EVERY] [--lookup-next]
+        [--rope-theta 10000] [--marks] [--lookup-heads EVERY] [--lookup-next] [--read-first 0]
 """
 
 import argparse
@@ -38,11 +41,12 @@ from PIL import Image
 from slot_lookup import attentions_with_latents  # docs/dev
 
 from valr.backbones import LATENT_FEEDS, LATENT_POSITIONS, backbone_for
+from valr.backbones.base import image_bottleneck
 from valr.config import ValrConfig
 from valr.data import LayoutConfig, make_batch, parse_record
 from valr.data.collate import IGNORE
 from valr.demo.probes import with_swapped_images
-from valr.engine import forward_latent
+from valr.engine import forward_latent, forward_plain
 from valr.teachers import TeacherSpec
 from valr.tiny import SHAPES, build_tiny
 from valr.tokens import LatentTokenIds
@@ -127,12 +131,20 @@ class CellTask:
 
 
 def per_record_ce(backbone, batch) -> torch.Tensor:
-    """Summed next-token CE of each record's labelled tokens (fast mode; call under no_grad)."""
-    out = forward_latent(backbone, batch, 1, "fast")
+    """Summed next-token CE of each record's labelled tokens (a plain pass for a batch without latents, else fast
+    mode; call under no_grad)."""
+    out = forward_plain(backbone, batch) if batch.k == 0 else forward_latent(backbone, batch, 1, "fast")
     logits = backbone.logits(out.hidden[:, :-1])
     target = batch.labels[:, 1:]
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")
     return (ce * (target != IGNORE)).sum(1)
+
+
+def colour_accuracy(backbone, batch_of, task: "CellTask", records: list) -> float:
+    """The share of ``records`` whose own colour gives the step its lowest CE among the four (chance 25%)."""
+    ces = torch.stack([per_record_ce(backbone, batch_of([task.with_colour(r, c) for r in records])) for c in COLOURS])
+    truth = torch.tensor([task.colour_index(r) for r in records])
+    return float((ces.argmin(0) == truth).float().mean())
 
 
 RELATIONS = ("named", "row", "col", "other")  # a slot's cell against the named one: itself, same row, same col
@@ -172,6 +184,35 @@ def slot_geometry(out) -> str:
             f"{float(cos(states[:, 1:], states[:, :-1], dim=-1).mean()):.3f}")
 
 
+def read_first(objective: Objective, tok, lat: LatentTokenIds, task, val: list, steps: int, lr: float) -> None:
+    """Plain CoT on the task's records with the images in view: the text learns to read the cells from the image
+    tokens before any latent (the demo's stage 0). The bottleneck and the latent layout come back afterwards."""
+    bb = objective.backbone
+    bottleneck, bb.image_bottleneck = image_bottleneck(bb), False
+
+    def plain(records):
+        return make_batch(records, tok, bb, LayoutConfig(k=0), lat)
+
+    params = [p for p in bb.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    for step in range(steps + 1):
+        if step % 50 == 0:
+            with torch.no_grad():
+                own, swapped = (float(objective.stage1(plain(v)).ce) for v in (val, with_swapped_images(val)))
+                line = f"read step {step}: plain CE own images {own:.4f}, swapped {swapped:.4f}"
+                if isinstance(task, CellTask):
+                    line += f", colour accuracy {colour_accuracy(bb, plain, task, val):.3f}"
+            print(line, flush=True)
+        if step == steps:
+            break
+        loss = objective.stage1(plain([task.train_record(step) for _ in range(8)])).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+    bb.image_bottleneck = bottleneck
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", choices=("colour", "cell"), default="colour")
@@ -201,6 +242,9 @@ def main() -> None:
                     "on the other slots of its row and column, and on the rest")
     ap.add_argument("--lookup-next", action="store_true", help="with --lookup-heads: give the slot right after "
                     "the named one its own share (named/next/row/col/other)")
+    ap.add_argument("--read-first", type=int, default=0, metavar="STEPS", help="first train this many steps of "
+                    "plain CoT with the images in view (no latents, no bottleneck), with its own optimizer; the "
+                    "latent phase's steps then count from 0")
     args = ap.parse_args()
     if args.marks and args.cells > MAX_MARKED_SIDE:
         ap.error(f"--marks names at most {MAX_MARKED_SIDE} x {MAX_MARKED_SIDE} cells (one grey level per 2 x 2 "
@@ -238,10 +282,7 @@ def main() -> None:
             if not args.no_bottleneck:
                 line += slot_geometry(own.output)
             if isinstance(task, CellTask):
-                ces = torch.stack([per_record_ce(bb, batch_of([task.with_colour(r, c) for r in val]))
-                                   for c in COLOURS])
-                truth = torch.tensor([task.colour_index(r) for r in val])
-                line += f", colour accuracy {float((ces.argmin(0) == truth).float().mean()):.3f}"
+                line += f", colour accuracy {colour_accuracy(bb, batch_of, task, val):.3f}"
             if args.lookup_heads and step % args.lookup_heads == 0:
                 relations = WITH_NEXT if args.lookup_next else RELATIONS
                 shares = lookup_by_head(bb, val_batch, val, task, tok, args.align_layer, relations)
@@ -252,9 +293,11 @@ def main() -> None:
 
     for n, p in model.named_parameters():
         p.requires_grad_(args.train_vision or "visual" not in n)  # the vision tower stays frozen unless asked
+    torch.manual_seed(args.seed)
+    if args.read_first:
+        read_first(objective, tok, lat, task, val, args.read_first, args.lr)
     params = [p for p in objective.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr)
-    torch.manual_seed(args.seed)
     first = objective.stage2(batch_of(val))
     llm = [p for n, p in model.named_parameters() if "visual" not in n]
     print(f"gradient norm on the language model, validation records: CE {grad_norm(first.ce, llm):.4f}"
