@@ -57,6 +57,8 @@ def test_config_yaml_unknown_keys_with_lines_and_coercion(tmp_path):
         load_train_config(p, ["nope=1"])
     with pytest.raises(ConfigError, match="nan_policy='maybe'"):
         load_train_config(p, ["nan_policy=maybe"])
+    with pytest.raises(ConfigError, match=r"valr.train_mode='slow' is not one of \['exact', 'fast'\]"):
+        load_train_config(p, ["valr.train_mode=slow"])
     with pytest.raises(ConfigError, match="perfect square"):
         load_train_config(p, ["stage=2", "valr.k=8"])
     with pytest.raises(ConfigError, match="valr.latent_feed='unit' is not one of .*'hidden', the paper's"):

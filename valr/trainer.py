@@ -48,6 +48,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -226,12 +227,12 @@ def validate(cfg: TrainConfig) -> None:
     if not cfg.train_data:
         bad("train_data: give a records JSONL file (see valr.data.records)")
     choices = {"stage": (1, 2), "scheduler": ("cosine", "linear", "constant"), "nan_policy": ("halt", "skip"),
-               "preflight": ("full", "quick", "off"), "feature_fallback": ("online", "error")}
+               "preflight": ("full", "quick", "off"), "feature_fallback": ("online", "error"),
+               "valr.train_mode": ("exact", "fast")}
     for key, allowed in choices.items():
-        if getattr(cfg, key) not in allowed:
-            bad(f"{key}={getattr(cfg, key)!r} is not one of {list(allowed)}")
-    if cfg.valr.train_mode not in ("exact", "fast"):
-        bad(f"valr.train_mode={cfg.valr.train_mode!r} is not one of ['exact', 'fast']")
+        value = attrgetter(key)(cfg)
+        if value not in allowed:
+            bad(f"{key}={value!r} is not one of {list(allowed)}")
     try:
         check_latent_feed(cfg.valr.latent_feed, "valr.latent_feed")
         check_latent_positions(cfg.valr.latent_positions, "valr.latent_positions")
