@@ -193,24 +193,33 @@ def read_first(objective: Objective, tok, lat: LatentTokenIds, task, val: list, 
     def plain(records):
         return make_batch(records, tok, bb, LayoutConfig(k=0), lat)
 
-    params = [p for p in bb.model.parameters() if p.requires_grad]
+    def report(step: int) -> None:
+        with torch.no_grad():
+            own, swapped = (float(objective.stage1(plain(v)).ce) for v in (val, with_swapped_images(val)))
+            line = f"read step {step}: plain CE own images {own:.4f}, swapped {swapped:.4f}"
+            if isinstance(task, CellTask):
+                line += f", colour accuracy {colour_accuracy(bb, plain, task, val):.3f}"
+        print(line, flush=True)
+
+    train([p for p in bb.model.parameters() if p.requires_grad], lr, steps,
+          lambda step: objective.stage1(plain([task.train_record(step) for _ in range(8)])).loss, report)
+    bb.image_bottleneck = bottleneck
+
+
+def train(params: list, lr: float, steps: int, loss_at, report) -> None:
+    """AdamW on batches of 8 (``loss_at(step)``), gradient clipped to 1; ``report(step)`` every 50 steps and at
+    the end."""
     opt = torch.optim.AdamW(params, lr=lr)
     for step in range(steps + 1):
         if step % 50 == 0:
-            with torch.no_grad():
-                own, swapped = (float(objective.stage1(plain(v)).ce) for v in (val, with_swapped_images(val)))
-                line = f"read step {step}: plain CE own images {own:.4f}, swapped {swapped:.4f}"
-                if isinstance(task, CellTask):
-                    line += f", colour accuracy {colour_accuracy(bb, plain, task, val):.3f}"
-            print(line, flush=True)
+            report(step)
         if step == steps:
             break
-        loss = objective.stage1(plain([task.train_record(step) for _ in range(8)])).loss
+        loss = loss_at(step)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-    bb.image_bottleneck = bottleneck
 
 
 def main() -> None:
@@ -297,21 +306,12 @@ def main() -> None:
     if args.read_first:
         read_first(objective, tok, lat, task, val, args.read_first, args.lr)
     params = [p for p in objective.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr)
     first = objective.stage2(batch_of(val))
     llm = [p for n, p in model.named_parameters() if "visual" not in n]
     print(f"gradient norm on the language model, validation records: CE {grad_norm(first.ce, llm):.4f}"
           + (f", alignment {grad_norm(first.align, llm):.4f}" if args.lambda_align > 0 else ""), flush=True)
-    for step in range(args.steps + 1):
-        if step % 50 == 0:
-            report(step)
-        if step == args.steps:
-            break
-        loss = objective.stage2(batch_of([task.train_record(step) for _ in range(8)])).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+    train(params, args.lr, args.steps,
+          lambda step: objective.stage2(batch_of([task.train_record(step) for _ in range(8)])).loss, report)
 
 
 if __name__ == "__main__":
