@@ -72,8 +72,9 @@ def summary(run: dict) -> dict:
     col = {c: [row[i] for row in run["rows"]] for i, c in enumerate(run["columns"])}
     gaps = [s - o for s, o in zip(col["ce_swapped"], col["ce_own"], strict=True)]
     parted = [st for st, g in zip(col["step"], gaps, strict=True) if g > PARTED]
+    last10 = col["accuracy"][-10:]
     out = {"last_step": col["step"][-1], "first_parted": parted[0] if parted else None, "reports_parted": len(parted),
-           "accuracy_last": col["accuracy"][-1], "accuracy_last10": sum(col["accuracy"][-10:]) / 10,
+           "accuracy_last": col["accuracy"][-1], "accuracy_last10": sum(last10) / len(last10),
            "gap_last": gaps[-1], "successive_slots_last": col["slot_state_vs_slot_before_cos"][-1]}
     if col["align"][0] is not None:
         learned = [st for st, a in zip(col["step"], col["align"], strict=True) if a < LEARNED]
