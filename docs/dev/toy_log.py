@@ -68,9 +68,19 @@ def parse(log: Path) -> dict:
     return run
 
 
+def columns(run: dict) -> dict[str, list]:
+    """The run's reports as one list per column."""
+    return {c: [row[i] for row in run["rows"]] for i, c in enumerate(run["columns"])}
+
+
+def ce_gaps(col: dict[str, list]) -> list[float]:
+    """Per report, the CE with swapped images minus the CE with own images (above zero: the text reads)."""
+    return [s - o for s, o in zip(col["ce_swapped"], col["ce_own"], strict=True)]
+
+
 def summary(run: dict) -> dict:
-    col = {c: [row[i] for row in run["rows"]] for i, c in enumerate(run["columns"])}
-    gaps = [s - o for s, o in zip(col["ce_swapped"], col["ce_own"], strict=True)]
+    col = columns(run)
+    gaps = ce_gaps(col)
     parted = [st for st, g in zip(col["step"], gaps, strict=True) if g > PARTED]
     last10 = col["accuracy"][-10:]
     out = {"last_step": col["step"][-1], "first_parted": parted[0] if parted else None, "reports_parted": len(parted),

@@ -19,11 +19,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
-
-def columns(run: dict) -> dict[str, list[float]]:
-    """The run's reports as one list per column."""
-    return {c: [row[i] for row in run["rows"]] for i, c in enumerate(run["columns"])}
+from toy_log import ce_gaps, columns  # noqa: E402  (docs/dev, beside this script)
 
 
 def running_mean(values: list[float], width: int = 5) -> list[float]:
@@ -52,8 +48,7 @@ def main() -> None:
         col = columns(runs[name])
         if col["align"][0] is not None:  # an aligned run
             axes[0].plot(col["step"], col["align"], label=label, **style)
-        gap = [s - o for s, o in zip(col["ce_swapped"], col["ce_own"], strict=True)]
-        axes[1].plot(col["step"], gap, label=label, **style)
+        axes[1].plot(col["step"], ce_gaps(col), label=label, **style)
         axes[2].plot(col["step"], running_mean(col["accuracy"]), label=label, **style)
     axes[0].set(title="alignment loss (validation)", xlabel="step", yscale="log")
     axes[1].set(title="CE swapped images - CE own images", xlabel="step")
